@@ -1,0 +1,1 @@
+"""Sub-command groups of the ``distill`` CLI, one module each (discovered by ``pipeline.cli``)."""

@@ -1,0 +1,71 @@
+"""Settings of the student: architecture (`[model]`), training (`[train]`) and loss (`[loss]`)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ModelSettings(BaseModel):
+    """A Llama-compatible megatron-core GPT (RMSNorm, SwiGLU, RoPE, no biases, untied embeddings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_layers: int = Field(2, gt=0, description="Transformer layers.")
+    hidden_size: int = Field(128, gt=0, description="Model width.")
+    num_attention_heads: int = Field(
+        4, gt=0, description="Attention heads (must divide hidden_size and be divisible by TP)."
+    )
+    ffn_hidden_size: int = Field(344, gt=0, description="SwiGLU inner width.")
+    seq_length: int = Field(128, gt=1, description="Packed training sequence length (and max positions).")
+    rotary_base: int = Field(10000, gt=0, description="RoPE base.")
+    norm_epsilon: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
+    init_method_std: float = Field(0.02, gt=0, description="Std of the normal weight initialisation.")
+
+
+class LossSettings(BaseModel):
+    """See docs/losses.md for the math of every option."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["soft", "hard", "mse"] = Field(
+        "soft", description="soft: soft CE over teacher top-k; hard: ordinary CE; mse: logit MSE."
+    )
+    tail: Literal["none", "renormalize", "tail_bucket"] = Field(
+        "tail_bucket", description="Treatment of the teacher mass outside the top-k."
+    )
+    temperature: float = Field(
+        1.0, gt=0, description="Temperature on both teacher and student; the loss is scaled by tau^2."
+    )
+    alpha: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Weight of the soft loss; 1-alpha goes to hard CE on the actual next token.",
+    )
+    no_teacher: Literal["mask", "hard"] = Field(
+        "hard", description="Positions without teacher top-k (e.g. prompt tokens): masked, or hard CE."
+    )
+
+
+class TrainSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tensor_parallel: int = Field(2, gt=0, description="Tensor-parallel size (TP).")
+    data_parallel: int = Field(
+        1, gt=0, description="Data-parallel size (DP); torchrun starts TP x DP processes."
+    )
+    micro_batch_size: int = Field(8, gt=0, description="Sequences per micro-batch per data-parallel rank.")
+    grad_accum_steps: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    steps: int = Field(300, gt=0, description="Optimizer steps.")
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate (AdamW).")
+    min_lr: float = Field(3e-4, ge=0, description="Final learning rate of the cosine schedule.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient clipping max norm.")
+    log_every: int = Field(10, gt=0, description="Steps between train-loss log lines.")
+    eval_every: int = Field(50, gt=0, description="Steps between validation evaluations.")
+    eval_batches: int = Field(8, gt=0, description="Validation micro-batches per evaluation.")
+    checkpoint_every: int = Field(100, gt=0, description="Steps between checkpoints.")
+    seed: int = Field(1234, description="Random seed (model init, data order, dropout).")
+    bf16: bool = Field(True, description="bf16 autocast when on GPU (CPU always trains in float32).")
+    threads_per_rank: int = Field(1, gt=0, description="torch intra-op threads per rank on CPU.")

@@ -1,0 +1,62 @@
+"""Settings of the teacher side: the API client and collection (`[teacher]`), and the local server (`[local_teacher]`)."""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class TeacherSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(
+        "local",
+        description="OpenAI-compatible base URL (e.g. https://api.openai.com/v1), or 'local' for the embedded teacher server.",
+    )
+    model: str = Field("local-teacher", description="Teacher model name sent in requests.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key (never stored anywhere)."
+    )
+    api_key_secret_block: str | None = Field(
+        None, description="Prefect Secret block name to read the key from instead of the environment."
+    )
+    mode: Literal["generate", "score"] = Field(
+        "score", description="generate: teacher writes continuations; score: teacher reads given text."
+    )
+    api: Literal["chat", "completions"] = Field("completions", description="Endpoint used in generate mode.")
+    score_api: Literal["prompt_logprobs", "echo"] = Field(
+        "prompt_logprobs",
+        description="How score mode asks: vLLM prompt_logprobs extension, or completions echo+logprobs.",
+    )
+    top_k: int = Field(20, ge=1, le=20, description="Number of top logprobs requested per position.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of generate mode.")
+    max_tokens: int = Field(128, gt=0, description="Maximum completion tokens in generate mode.")
+    token_ids: bool = Field(
+        False, description="Ask the server for token ids (vLLM return_tokens_as_token_ids)."
+    )
+    concurrency: int = Field(8, gt=0, description="Maximum requests in flight.")
+    requests_per_minute: float = Field(6000.0, gt=0, description="Token-bucket limit on requests per minute.")
+    tokens_per_minute: float = Field(
+        10_000_000.0, gt=0, description="Token-bucket limit on (estimated) tokens per minute."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(
+        5,
+        ge=0,
+        description="Retries of a failed request (429, 5xx, timeouts, dropped connections, missing logprobs).",
+    )
+    on_bad_line: Literal["fail", "skip"] = Field(
+        "fail", description="What a malformed input line does: fail the run, or skip it and count it."
+    )
+    max_age_days: float | None = Field(
+        None, description="Records older than this are stale and re-collected by the refresh flow."
+    )
+
+
+class LocalTeacherSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Interface the local teacher server binds.")
+    port: int = Field(0, ge=0, description="Port of the local teacher server (0: pick a free one).")
+    api_key: str | None = Field(None, description="Bearer key the local server requires (None: no auth).")
+    max_batch_size: int = Field(16, gt=0, description="Requests batched into one forward pass by the server.")
+    batch_wait_ms: float = Field(5.0, ge=0, description="How long the server waits to fill a batch.")
