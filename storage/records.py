@@ -99,3 +99,17 @@ class TeacherVocab:
 
     def items(self) -> list[tuple[int, bytes]]:
         return sorted(self._bytes_by_id.items())
+
+
+@dataclass
+class TokenMap:
+    """How one teacher vocabulary maps onto the student's, built by ``teacher.alignment`` from token bytes.
+
+    ``single[t]`` is the student id whose bytes equal teacher token ``t``'s, or -1. For a teacher token with no
+    single student token, ``expand[t]`` spells its bytes as several student ids: an *actual* token is replaced by
+    that spelling (teacher top-k attached to its first piece only), while a top-k *candidate* without a single
+    student id is dropped from that position's top-k and counted as lost coverage.
+    """
+
+    single: np.ndarray  # int64 [V_teacher]
+    expand: dict[int, np.ndarray]  # teacher id -> int64 student ids
