@@ -28,6 +28,9 @@ def test_env(**extra: str) -> dict[str, str]:
     return env
 
 
+test_env.__test__ = False  # a helper, not a test, despite its name
+
+
 def run_bounded(
     cmd: list[str], timeout: float, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
