@@ -95,6 +95,10 @@ class EvaluateSettings(_Section):
         4, ge=0, description="Held-out prompts generated from, side by side with the teacher."
     )
     generation_tokens: int = Field(48, gt=0, description="Tokens generated per sample.")
+    prompt_tokens: int = Field(
+        32, gt=0, description="Held-out tokens given as the prompt of each generation sample."
+    )
+    micro_batch_size: int = Field(8, gt=0, description="Held-out sequences per forward pass.")
 
 
 class DistillConfig(_Section):

@@ -20,6 +20,14 @@ class ModelSettings(BaseModel):
     rotary_base: int = Field(10000, gt=0, description="RoPE base.")
     norm_epsilon: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
     init_method_std: float = Field(0.02, gt=0, description="Std of the normal weight initialisation.")
+    num_query_groups: int | None = Field(
+        None, gt=0, description="Key/value heads for grouped-query attention (None: one per attention head)."
+    )
+    hidden_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after attention and MLP.")
+    attention_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on attention probabilities.")
+    vocab_multiple: int = Field(
+        128, gt=0, description="The vocabulary is padded to a multiple of this times the TP size."
+    )
 
 
 class LossSettings(BaseModel):
@@ -45,6 +53,10 @@ class LossSettings(BaseModel):
     no_teacher: Literal["mask", "hard"] = Field(
         "hard", description="Positions without teacher top-k (e.g. prompt tokens): masked, or hard CE."
     )
+    mse_center: bool = Field(
+        True,
+        description="kind=mse: subtract each row's mean difference (logits are defined up to a per-row shift).",
+    )
 
 
 class TrainSettings(BaseModel):
@@ -69,3 +81,8 @@ class TrainSettings(BaseModel):
     seed: int = Field(1234, description="Random seed (model init, data order, dropout).")
     bf16: bool = Field(True, description="bf16 autocast when on GPU (CPU always trains in float32).")
     threads_per_rank: int = Field(1, gt=0, description="torch intra-op threads per rank on CPU.")
+    keep_checkpoints: int = Field(
+        2, gt=0, description="Newest step checkpoints kept (older ones are deleted)."
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
+    adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")

@@ -31,7 +31,17 @@ class TeacherSettings(BaseModel):
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature of generate mode.")
     max_tokens: int = Field(128, gt=0, description="Maximum completion tokens in generate mode.")
     token_ids: bool = Field(
-        False, description="Ask the server for token ids (vLLM return_tokens_as_token_ids)."
+        True,
+        description="Ask the server for token ids (vLLM/local return_tokens_as_token_ids; needs the teacher's "
+        "tokenizer). Set false for OpenAI, which reports token bytes instead.",
+    )
+    logits: bool = Field(
+        False, description="Ask for raw top-k logits too (the local teacher's return_logits; logit-MSE loss)."
+    )
+    tokenizer_path: str | None = Field(
+        None,
+        description="The teacher's tokenizer.json: resolves token ids (token_ids = true) and lossy token strings "
+        "to bytes. None: the embedded default's tokenizer for the local teacher.",
     )
     concurrency: int = Field(8, gt=0, description="Maximum requests in flight.")
     requests_per_minute: float = Field(6000.0, gt=0, description="Token-bucket limit on requests per minute.")
@@ -60,3 +70,11 @@ class LocalTeacherSettings(BaseModel):
     api_key: str | None = Field(None, description="Bearer key the local server requires (None: no auth).")
     max_batch_size: int = Field(16, gt=0, description="Requests batched into one forward pass by the server.")
     batch_wait_ms: float = Field(5.0, ge=0, description="How long the server waits to fill a batch.")
+    inject_latency_ms: float = Field(
+        0.0, ge=0, description="Fixed extra latency per request (benchmarks only; does not hold the batch)."
+    )
+    max_logprobs: int = Field(20, ge=1, description="Largest top-k a request may ask for.")
+    max_model_len: int | None = Field(
+        None, gt=0, description="Longest prompt + completion in tokens (None: the model's seq_length)."
+    )
+    threads: int = Field(1, gt=0, description="torch intra-op threads of the server process.")

@@ -1,0 +1,136 @@
+"""``distill collect CONFIG`` (ask the teacher, store top-k shards) and ``distill import FORMAT FILE``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from urllib.parse import urlparse
+
+from pipeline.cli import UserError
+from pipeline.config import DistillConfig, load_config
+from storage.catalog import Catalog
+from storage.records import TeacherVocab, TopKRecord
+from storage.shards import ShardWriter
+from teacher.client import request_params
+from teacher.collect import collect
+from teacher.importers import FORMATS, import_metaseq, import_openai_batch
+from teacher.inputs import InputError, ReadStats, read_inputs
+from teacher.parsing import Resolve
+from teacher.secrets import SecretError, install_redaction, resolve_api_key
+
+log = logging.getLogger("distill.collect")
+
+
+def _is_local(base_url: str) -> bool:
+    return urlparse(base_url).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def _resolver(config: DistillConfig) -> Resolve | None:
+    path = config.teacher.tokenizer_path or config.tokenizer.path
+    if path is None:
+        return None
+    from student.tokenizer import StudentTokenizer
+
+    return StudentTokenizer.load(path).token_bytes
+
+
+def _collect(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    settings = config.teacher
+    base_url = args.base_url or settings.base_url
+    if base_url == "local":
+        raise UserError(
+            "teacher.base_url = 'local': start the local teacher (python -m teacher.server ...) and pass its URL "
+            "with --base-url, or run the whole pipeline with `distill run`"
+        )
+    paths = [Path(p) for p in args.input] or list(config.corpus.paths)
+    if not paths:
+        raise UserError("no inputs: give --input FILE or corpus.paths in the config")
+    try:
+        api_key = resolve_api_key(settings, required=not _is_local(base_url))
+    except SecretError as exc:
+        raise UserError(str(exc)) from None
+    install_redaction(api_key)
+    stats = ReadStats()
+    try:
+        items = list(read_inputs(paths, config.corpus.chunk_chars, settings.on_bad_line, stats))
+        if args.limit:
+            items = items[: args.limit]
+    except InputError as exc:
+        raise UserError(str(exc)) from None
+    data_dir = config.storage.data_dir
+    with Catalog(data_dir) as catalog:
+        stored = catalog.existing_sample_ids(settings.model, request_params(settings))
+        with ShardWriter(data_dir, config.storage, catalog) as writer:
+            try:
+                result = collect(
+                    items, settings, base_url, api_key, stored, writer, resolve=_resolver(config),
+                    progress=not args.no_progress,
+                )  # fmt: skip
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+        catalog.record_failures([(f.sample_id, f.reason) for f in result.failures])
+    print(
+        f"collected {result.collected}, already stored {result.skipped}, failed {len(result.failures)}, "
+        f"skipped input lines {len(stats.skipped_lines)}; usage: {result.prompt_tokens} prompt + "
+        f"{result.completion_tokens} completion tokens in {result.seconds:.1f}s"
+    )
+    for failure in result.failures:
+        print(f"failed {failure.sample_id}: {failure.reason}")
+    return 1 if result.failures else 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir) if args.data_dir else load_config(args.config).storage.data_dir
+    settings = load_config(args.config).storage if args.config else None
+    vocab = TeacherVocab()
+    failures: list[tuple[str, str]] = []
+    count = 0
+    with Catalog(data_dir) as catalog, ShardWriter(data_dir, settings, catalog) as writer:
+        for path in args.files:
+            path = Path(path)
+            if not path.is_file():
+                raise UserError(f"{path}: file not found")
+            if args.format == "metaseq":
+                source = import_metaseq(path, vocab, teacher=args.teacher, split=args.split)
+            else:
+                requests = Path(args.requests) if args.requests else None
+                source = import_openai_batch(path, vocab, requests, split=args.split)
+            try:
+                for item in source:
+                    if isinstance(item, TopKRecord):
+                        writer([item], vocab)
+                        count += 1
+                    else:
+                        failures.append(item)
+            except InputError as exc:
+                raise UserError(str(exc)) from None
+        catalog.record_failures(failures)
+    print(f"imported {count} records into {data_dir}; {len(failures)} failed requests recorded")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "collect", help="Ask the teacher for top-k logprobs of every input not yet stored."
+    )
+    parser.add_argument("config", help="Config file.")
+    parser.add_argument("--base-url", help="Teacher base URL (overrides teacher.base_url).")
+    parser.add_argument(
+        "--input", action="append", default=[], help="Input file (repeatable; default corpus.paths)."
+    )
+    parser.add_argument("--limit", type=int, default=0, help="Only the first N inputs.")
+    parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    parser.set_defaults(handler=_collect)
+
+    imp = sub.add_parser("import", help="Import existing teacher data (OpenAI Batch output, metaseq JSONL).")
+    imp.add_argument("format", choices=FORMATS)
+    imp.add_argument("files", nargs="+", help="Files to import.")
+    where = imp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", help="Config file (its storage.data_dir receives the shards).")
+    where.add_argument("--data-dir", help="Data folder receiving the shards.")
+    imp.add_argument("--requests", help="openai-batch: the batch's input file (gives the prompts).")
+    imp.add_argument("--teacher", default="metaseq-teacher", help="metaseq: the teacher's name.")
+    imp.add_argument("--split", default="train", choices=("train", "val", "test"))
+    imp.set_defaults(handler=_import)

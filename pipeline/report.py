@@ -1,0 +1,514 @@
+"""The per-run report (self-contained HTML + Markdown), the run comparison, and eval rows in the DuckDB catalog.
+
+Called by the pipeline's ``report`` stage and the ``distill report`` CLI; knows nothing about Prefect.
+
+Public API:
+
+- ``build_report(run_dir, config=None, data_stats=None, curves=None, title=None) -> ReportPaths``: writes
+  ``run_dir/report.html`` (images as data URIs, no external resource) and ``run_dir/report.md`` (+
+  ``run_dir/curves.png`` it links to). Inputs not passed are read from the run directory:
+  ``metrics.json`` (required; written by ``student.evaluate``, schema in its docstring), ``config.toml``,
+  ``data_stats.json`` (shape: ``DataStats``) and, per model, the training log named by ``train_log`` in
+  ``metrics.json`` (``student.train``'s ``metrics.jsonl``). ``curves`` maps a model name to its log path.
+- ``artifact_markdown(run_dir, ...same inputs) -> str``: the Markdown report with the plot embedded as a data
+  URI, for a Prefect markdown artifact.
+- ``compare_runs(run_a, run_b) -> str``: Markdown comparing two runs' ``metrics.json`` (``distill report
+  compare``).
+- ``append_eval_results(catalog_db, run_id, metrics)``: appends one row per (model, metric) to the table
+  ``eval_results`` of a DuckDB database (created if missing), so runs compare over time with SQL::
+
+      SELECT run_id, model, value, ci_low, ci_high FROM eval_results WHERE metric = 'kl_teacher_student'
+
+What the report prints (for the README's soft-vs-hard statement): a **Result** paragraph giving, for hard CE
+and KL(teacher‖student) on the held-out sequences, the soft student's value minus the hard student's with the
+paired-bootstrap interval and whether the interval excludes zero; then the full metric table (every model's
+value and interval, each difference with its interval).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import re
+import time
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypedDict
+
+from pipeline.config import DistillConfig, render_config
+
+SCHEMA = "distill-eval/1"
+METRIC_LABELS = {
+    "ce": ("hard CE (nats/token)", "lower"),
+    "perplexity": ("perplexity", "lower"),
+    "soft_ce": ("soft CE over k+1 bins", "lower"),
+    "kl_teacher_student": ("KL(teacher‖student), k+1 bins", "lower"),
+    "top1_agreement": ("top-1 agreement with teacher", "higher"),
+    "ece": ("ECE of student top-1", "lower"),
+}
+HEADLINE = ("ce", "kl_teacher_student")
+SECRET_KEY = re.compile(r"(^|_)(api_key|password|secret)$")
+
+
+class DataStats(TypedDict, total=False):
+    """What the pipeline knows about the data, passed to the report (every key optional).
+
+    ``samples`` / ``tokens``: per split (``train``, ``val``, ``test``), teacher tokens stored; ``bytes_per_token``:
+    Parquet bytes per stored position; ``alignment_coverage``: share of teacher top-k entries that mapped onto a
+    student id (0..1); ``collection_failures``: requests that failed after every retry; ``cost_tokens``: usage the
+    teacher API reported, ``{"prompt": n, "completion": n}``. Other keys are shown as given.
+    """
+
+    samples: dict[str, int]
+    tokens: dict[str, int]
+    bytes_per_token: float
+    alignment_coverage: float
+    collection_failures: int
+    cost_tokens: dict[str, int]
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    html: Path
+    markdown: Path
+    plot: Path | None
+
+
+class ReportError(ValueError):
+    """A run directory or metrics file the report cannot use; the message names the file and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def load_metrics(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.json"
+    if not path.is_file():
+        raise ReportError(f"{path}: metrics file not found (run the evaluate stage first)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"{path}: not valid JSON: {exc}") from None
+    if data.get("schema") != SCHEMA:
+        raise ReportError(f"{path}: expected schema {SCHEMA!r}, got {data.get('schema')!r}")
+    for name in data.get("models", []):
+        if name not in data:
+            raise ReportError(f"{path}: model {name!r} is listed under 'models' but has no entry")
+    return data
+
+
+def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """``{"train": [(step, loss)], "val": [(step, loss)]}`` from a training ``metrics.jsonl``.
+
+    Each line is one JSON object with ``step`` and ``train_loss`` and/or ``val_loss``
+    (the training entry point's log); other keys are ignored.
+    """
+    curves: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{path}:{number}: not valid JSON: {exc}") from None
+        for split in curves:
+            value = row.get(f"{split}_loss")
+            if value is not None and "step" in row:
+                curves[split].append((int(row["step"]), float(value)))
+    return curves
+
+
+def _redacted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: ("<redacted>" if SECRET_KEY.search(str(k)) and v is not None else _redacted(v))
+            for k, v in value.items()
+        }
+    return value
+
+
+def _config_text(config: DistillConfig | None) -> str | None:
+    if config is None:
+        return None
+    safe = DistillConfig.model_validate(_redacted(config.model_dump()))
+    return render_config(safe, commented=False)
+
+
+def _load_inputs(
+    run_dir: Path,
+    config: DistillConfig | None,
+    data_stats: Mapping[str, Any] | None,
+    curves: Mapping[str, Path] | None,
+) -> tuple[dict[str, Any], DistillConfig | None, Mapping[str, Any] | None, dict[str, Path]]:
+    metrics = load_metrics(run_dir / "metrics.json")
+    if config is None and (run_dir / "config.toml").is_file():
+        config = DistillConfig.model_validate(tomllib.loads((run_dir / "config.toml").read_text("utf-8")))
+    if data_stats is None and (run_dir / "data_stats.json").is_file():
+        data_stats = json.loads((run_dir / "data_stats.json").read_text("utf-8"))
+    if curves is None:
+        curves = {
+            name: Path(metrics[name]["train_log"])
+            for name in metrics["models"]
+            if metrics[name].get("train_log") and Path(metrics[name]["train_log"]).is_file()
+        }
+    return metrics, config, data_stats, dict(curves)
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+
+
+def plot_curves(curves: Mapping[str, Mapping[str, list[tuple[int, float]]]]) -> bytes:
+    """PNG of training (solid) and validation (dashed, dots) loss per step, every model on the same axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for index, (name, curve) in enumerate(curves.items()):
+        color = f"C{index}"
+        if curve.get("train"):
+            steps, values = zip(*curve["train"], strict=True)
+            ax.plot(steps, values, color=color, lw=1.2, label=f"{name} train (its objective)")
+        if curve.get("val"):
+            steps, values = zip(*curve["val"], strict=True)
+            ax.plot(steps, values, color=color, lw=1.6, ls="--", marker="o", ms=3, label=f"{name} val")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("Training curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _cell(entry: Mapping[str, float | None] | None) -> str:
+    if not entry or entry.get("value") is None or math.isnan(entry["value"]):
+        return "n/a"
+    return f"{_fmt(entry['value'])} [{_fmt(entry.get('ci_low'))}, {_fmt(entry.get('ci_high'))}]"
+
+
+def metric_table(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per metric, a column per model, then a column per paired difference."""
+    models = list(metrics["models"])
+    diffs = list(metrics.get("differences", {}))
+    header = ["metric", *models, *(f"{d.replace('-', ' − ')} (paired)" for d in diffs)]
+    rows = []
+    for key, (label, better) in METRIC_LABELS.items():
+        row = [f"{label} ({better} is better)"]
+        row += [_cell(metrics[m].get(key)) for m in models]
+        row += [_cell(metrics["differences"][d].get(key)) for d in diffs]
+        rows.append(row)
+    return header, rows
+
+
+def _verdict(name: str, entry: Mapping[str, float], better: str) -> str:
+    value, low, high = entry.get("value"), entry.get("ci_low"), entry.get("ci_high")
+    a, b = name.split("-", 1)
+    if any(x is None or math.isnan(x) for x in (value, low, high)):
+        return f"{a} − {b}: not measurable on this held-out data"
+    if low > 0 or high < 0:
+        winner = a if (value < 0) == (better == "lower") else b
+        return (
+            f"{a} − {b} = {value:+.4f} (95% CI [{low:+.4f}, {high:+.4f}]): the interval excludes 0, "
+            f"**{winner} is better**"
+        )
+    return f"{a} − {b} = {value:+.4f} (CI [{low:+.4f}, {high:+.4f}]): the interval includes 0, no clear difference"
+
+
+def result_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The headline sentences: each paired difference on hard CE and KL(teacher‖student)."""
+    held = metrics.get("held_out", {})
+    conf = metrics.get("bootstrap", {}).get("confidence", 0.95)
+    lines = [
+        f"Held-out: {held.get('sequences', '?')} sequences, {held.get('tokens', '?')} tokens "
+        f"({held.get('soft_tokens', '?')} with teacher top-k), never trained on; "
+        f"{round(conf * 100)}% intervals from {metrics.get('bootstrap', {}).get('samples', '?')} bootstrap "
+        "resamples of sequences."
+    ]
+    for name, diff in metrics.get("differences", {}).items():
+        for key in HEADLINE:
+            label, better = METRIC_LABELS[key]
+            verdict = _verdict(name, diff[key], better).replace("95%", f"{round(conf * 100)}%")
+            lines.append(f"{label}: {verdict}.")
+    return lines
+
+
+def _stats_rows(data_stats: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    if not data_stats:
+        return []
+    rows = []
+    for key, value in data_stats.items():
+        if isinstance(value, dict):
+            text = ", ".join(f"{k}: {v:,}" if isinstance(v, int) else f"{k}: {v}" for k, v in value.items())
+        elif key == "alignment_coverage" and isinstance(value, (int, float)):
+            text = f"{value:.2%}"
+        elif isinstance(value, float):
+            text = f"{value:.3f}"
+        elif isinstance(value, int):
+            text = f"{value:,}"
+        else:
+            text = str(value)
+        rows.append((key.replace("_", " "), text))
+    return rows
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------- renderers
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), line(["---"] * len(header)), *(line(r) for r in rows)])
+
+
+def _code_block(text: str) -> str:
+    fence = "````" if "```" in text else "```"
+    return f"{fence}\n{text}\n{fence}"
+
+
+def render_markdown(
+    title: str,
+    metrics: Mapping[str, Any],
+    config_text: str | None,
+    data_stats: Mapping[str, Any] | None,
+    plot_ref: str | None,
+) -> str:
+    out = [f"# {title}", "", "## Result", ""]
+    out += [f"- {line}" for line in result_lines(metrics)]
+    out += ["", "## Held-out metrics", "", _md_table(*metric_table(metrics)), ""]
+    out += ["Cells: value [bootstrap interval]. Differences resample the same sequences for both models.", ""]
+    if plot_ref:
+        out += ["## Training curves", "", f"![training curves]({plot_ref})", ""]
+    stats = _stats_rows(data_stats)
+    if stats:
+        out += ["## Data", "", _md_table(["", "value"], [list(r) for r in stats]), ""]
+    for sample in metrics.get("generations", []):
+        if not out[-2].startswith("## Sample generations"):
+            out += ["## Sample generations", ""]
+        out += ["**Prompt**", "", _code_block(sample["prompt"]), ""]
+        if sample.get("reference") is not None:
+            out += ["*held-out text*", "", _code_block(sample["reference"]), ""]
+        for name, text in sample["outputs"].items():
+            out += [f"*{name}*", "", _code_block(text), ""]
+    if config_text:
+        out += ["## Config", "", "```toml", config_text.rstrip(), "```", ""]
+    return "\n".join(out)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#1b1f24;
+padding:0 1rem}
+table{border-collapse:collapse;margin:0.5rem 0 1rem}th,td{border:1px solid #d0d7de;padding:4px 8px;
+text-align:left;font-variant-numeric:tabular-nums}th{background:#f6f8fa}
+pre{background:#f6f8fa;padding:8px;white-space:pre-wrap;word-break:break-word;margin:0}
+.gen{display:grid;grid-template-columns:repeat(auto-fit,minmax(240px,1fr));gap:8px;margin-bottom:1.5rem}
+.gen h4{margin:0 0 4px}.note{color:#57606a;font-size:0.9em}img{max-width:100%}
+"""
+
+
+def _html_table(header: list[str], rows: list[list[str]], table_id: str) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _bold(text: str) -> str:
+    return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+
+
+def render_html(
+    title: str,
+    metrics: Mapping[str, Any],
+    config_text: str | None,
+    data_stats: Mapping[str, Any] | None,
+    plot_png: bytes | None,
+) -> str:
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        '<h2>Result</h2><ul id="result">',
+        *(f"<li>{_bold(line)}</li>" for line in result_lines(metrics)),
+        "</ul><h2>Held-out metrics</h2>",
+        _html_table(*metric_table(metrics), table_id="metrics"),
+        '<p class="note">Cells: value [bootstrap interval]. Differences resample the same sequences for both '
+        "models.</p>",
+    ]
+    if plot_png:
+        parts += [
+            "<h2>Training curves</h2>",
+            f'<img id="curves" alt="training curves" src="{_data_uri(plot_png)}">',
+        ]
+    stats = _stats_rows(data_stats)
+    if stats:
+        parts += ["<h2>Data</h2>", _html_table(["", "value"], [list(r) for r in stats], table_id="data")]
+    generations = metrics.get("generations", [])
+    if generations:
+        parts.append('<h2>Sample generations</h2><div id="generations">')
+        for sample in generations:
+            columns = [("held-out text", sample["reference"])] if sample.get("reference") is not None else []
+            columns += list(sample["outputs"].items())
+            parts.append(f"<h4>Prompt</h4><pre>{html.escape(sample['prompt'])}</pre><div class='gen'>")
+            parts += [f"<div><h4>{html.escape(n)}</h4><pre>{html.escape(t)}</pre></div>" for n, t in columns]
+            parts.append("</div>")
+        parts.append("</div>")
+    if config_text:
+        parts.append(f"<h2>Config</h2><details><summary>config.toml</summary><pre>{html.escape(config_text)}")
+        parts.append("</pre></details>")
+    parts.append(f'<p class="note">Generated {time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}.</p>')
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _plot_for(curves: Mapping[str, Path]) -> bytes | None:
+    loaded = {name: read_curves(path) for name, path in curves.items()}
+    if not any(c["train"] or c["val"] for c in loaded.values()):
+        return None
+    return plot_curves(loaded)
+
+
+def build_report(
+    run_dir: Path,
+    config: DistillConfig | None = None,
+    data_stats: Mapping[str, Any] | None = None,
+    curves: Mapping[str, Path] | None = None,
+    title: str | None = None,
+) -> ReportPaths:
+    run_dir = Path(run_dir)
+    metrics, config, data_stats, curve_paths = _load_inputs(run_dir, config, data_stats, curves)
+    title = title or f"Distillation report: {run_dir.name}"
+    config_text = _config_text(config)
+    png = _plot_for(curve_paths)
+    plot_path = run_dir / "curves.png" if png else None
+    if png:
+        _atomic_write(plot_path, png)
+    markdown = render_markdown(title, metrics, config_text, data_stats, plot_path.name if png else None)
+    _atomic_write(run_dir / "report.md", markdown.encode("utf-8"))
+    page = render_html(title, metrics, config_text, data_stats, png)
+    _atomic_write(run_dir / "report.html", page.encode("utf-8"))
+    return ReportPaths(html=run_dir / "report.html", markdown=run_dir / "report.md", plot=plot_path)
+
+
+def artifact_markdown(
+    run_dir: Path,
+    config: DistillConfig | None = None,
+    data_stats: Mapping[str, Any] | None = None,
+    curves: Mapping[str, Path] | None = None,
+    title: str | None = None,
+) -> str:
+    """The Markdown report with the plot inline as a data URI (a Prefect artifact has no files beside it)."""
+    run_dir = Path(run_dir)
+    metrics, config, data_stats, curve_paths = _load_inputs(run_dir, config, data_stats, curves)
+    png = _plot_for(curve_paths)
+    title = title or f"Distillation report: {run_dir.name}"
+    return render_markdown(title, metrics, _config_text(config), data_stats, _data_uri(png) if png else None)
+
+
+def compare_runs(run_a: Path, run_b: Path) -> str:
+    """Markdown: every model both runs evaluated, metric by metric, with B − A.
+
+    Intervals are per run; runs evaluated on different held-out data cannot be paired, so the difference has no
+    interval of its own: read the two intervals.
+    """
+    a, b = load_metrics(Path(run_a)), load_metrics(Path(run_b))
+    shared = [m for m in a["models"] if m in b["models"]]
+    if not shared:
+        raise ReportError(
+            f"{run_a} and {run_b} have no model name in common ({a['models']} vs {b['models']})"
+        )
+    header = ["model", "metric", f"A: {Path(run_a).name}", f"B: {Path(run_b).name}", "B − A"]
+    rows = []
+    for model in shared:
+        for key, (label, better) in METRIC_LABELS.items():
+            ea, eb = a[model].get(key), b[model].get(key)
+            known = ea and eb and ea.get("value") is not None and eb.get("value") is not None
+            delta = eb["value"] - ea["value"] if known else math.nan
+            rows.append([model, f"{label} ({better})", _cell(ea), _cell(eb), _fmt(delta)])
+    ha, hb = a.get("held_out", {}), b.get("held_out", {})
+    same = ha.get("snapshot_hash") is not None and ha.get("snapshot_hash") == hb.get("snapshot_hash")
+    note = (
+        "Same held-out snapshot in both runs."
+        if same
+        else "Held-out snapshots differ (or are unrecorded): compare with care."
+    )
+    return "\n".join(
+        [f"# {Path(run_a).name} vs {Path(run_b).name}", "", _md_table(header, rows), "", note, ""]
+    )
+
+
+def append_eval_results(catalog_db: Path, run_id: str, metrics: Mapping[str, Any]) -> int:
+    """Append one row per (model, metric) to ``eval_results`` in the DuckDB file; returns the rows written.
+
+    A run's rows are replaced when it is recorded again (same ``run_id``), in one transaction.
+    """
+    import duckdb
+
+    held = metrics.get("held_out", {})
+    rows = [
+        (
+            run_id,
+            model,
+            metrics[model].get("role", "student"),
+            key,
+            metrics[model][key]["value"],
+            metrics[model][key]["ci_low"],
+            metrics[model][key]["ci_high"],
+            held.get("tokens"),
+            held.get("sequences"),
+            held.get("snapshot_hash"),
+        )
+        for model in metrics["models"]
+        for key in METRIC_LABELS
+        if key in metrics[model]
+    ]
+    con = duckdb.connect(str(catalog_db))
+    try:
+        con.execute(
+            """CREATE TABLE IF NOT EXISTS eval_results (
+                run_id VARCHAR, model VARCHAR, role VARCHAR, metric VARCHAR, value DOUBLE, ci_low DOUBLE,
+                ci_high DOUBLE, held_out_tokens BIGINT, held_out_sequences BIGINT, snapshot_hash VARCHAR,
+                recorded_at TIMESTAMP DEFAULT current_timestamp)"""
+        )
+        con.execute("BEGIN TRANSACTION")
+        con.execute("DELETE FROM eval_results WHERE run_id = ?", [run_id])
+        con.executemany(
+            "INSERT INTO eval_results (run_id, model, role, metric, value, ci_low, ci_high, held_out_tokens, "
+            "held_out_sequences, snapshot_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        con.execute("COMMIT")
+    finally:
+        con.close()
+    return len(rows)

@@ -1,0 +1,139 @@
+"""The pipeline DAG, defined once and run by an ``Executor``: in-process here (``distill run``), or as Prefect
+tasks (``flows.distill``), which supply an executor that submits each stage as a cached task.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+from pipeline import stages
+from pipeline.cache import StageResult, StageSpec, new_run_id, run_stage, write_summary
+from pipeline.config import ConfigError, DistillConfig
+from pipeline.launch import quiet_known_warnings
+
+
+class Executor(Protocol):
+    def run(self, spec: StageSpec) -> StageResult: ...
+
+    def run_parallel(self, specs: list[StageSpec]) -> list[StageResult]: ...
+
+
+@dataclass
+class LocalExecutor:
+    """Runs stages in this process, one after the other, and announces each as it finishes."""
+
+    work_dir: Path
+    announce: Callable[[StageResult], None] = lambda result: None
+    results: list[StageResult] = field(default_factory=list)
+
+    def run(self, spec: StageSpec) -> StageResult:
+        result = run_stage(spec, self.work_dir)
+        self.results.append(result)
+        self.announce(result)
+        return result
+
+    def run_parallel(self, specs: list[StageSpec]) -> list[StageResult]:
+        return [self.run(spec) for spec in specs]
+
+
+def preflight(config: DistillConfig) -> None:
+    """Everything that can be checked before any work starts; raises ConfigError naming the key."""
+    teacher = config.teacher
+    if teacher.base_url != "local":
+        url = urlparse(teacher.base_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise ConfigError(
+                f"teacher.base_url: expected 'local' or an http(s) URL such as https://api.openai.com/v1, "
+                f"got {teacher.base_url!r}"
+            )
+        from teacher.secrets import SecretError, resolve_api_key
+
+        try:
+            resolve_api_key(teacher, required=False)
+        except SecretError as exc:
+            raise ConfigError(f"teacher.api_key_secret_block: {exc}") from None
+    elif config.bootstrap.checkpoint is not None and not Path(config.bootstrap.checkpoint).is_dir():
+        raise ConfigError(
+            f"bootstrap.checkpoint: teacher checkpoint {config.bootstrap.checkpoint} not found "
+            "(remove the key to train the embedded teacher, or point it at a student.train checkpoint)"
+        )
+    if config.corpus.source == "files":
+        if not config.corpus.paths:
+            raise ConfigError("corpus.paths: source = 'files' needs at least one input file")
+        for path in config.corpus.paths:
+            if not Path(path).is_file():
+                raise ConfigError(f"corpus.paths: input file {path} not found")
+    if config.tokenizer.path is not None and not Path(config.tokenizer.path).is_file():
+        raise ConfigError(f"tokenizer.path: {config.tokenizer.path} not found")
+    if not config.students:
+        raise ConfigError("students: at least one student is needed (e.g. [students.soft] kind = 'soft')")
+    for section, model, train in (
+        ("model/train", config.model, config.train),
+        ("bootstrap.model/bootstrap.train", config.bootstrap.model, config.bootstrap.train),
+    ):
+        tp = train.tensor_parallel
+        if model.num_attention_heads % tp or model.hidden_size % model.num_attention_heads:
+            raise ConfigError(
+                f"{section}: num_attention_heads ({model.num_attention_heads}) must divide hidden_size "
+                f"({model.hidden_size}) and be divisible by tensor_parallel ({tp})"
+            )
+
+
+def execute(ctx: stages.Context, executor: Executor) -> StageResult:
+    """The whole DAG; returns the report stage's result."""
+    config = ctx.config
+    corpus = executor.run(stages.prepare_corpus(ctx))
+    tokenizer = executor.run(stages.tokenizer(ctx, corpus))
+    teacher = (
+        executor.run(stages.bootstrap_teacher(ctx, corpus, tokenizer))
+        if stages.uses_bootstrap_teacher(config)
+        else None
+    )
+    collected = executor.run(stages.collect(ctx, corpus, teacher))
+    snapshot = executor.run(stages.snapshot(ctx, collected))
+    trained = executor.run_parallel(
+        [stages.train(ctx, name, snapshot, tokenizer) for name in config.students]
+    )
+    students = dict(zip(config.students, trained, strict=True))
+    evaluated = executor.run(stages.evaluate(ctx, students, snapshot, tokenizer, teacher))
+    return executor.run(stages.report(ctx, collected, snapshot, students, evaluated))
+
+
+def publish_report(report: StageResult, run_dir: Path) -> Path:
+    """Copy the report files into the run directory; returns the path printed last (the HTML report)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name in report.hashes:
+        target = run_dir / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(report.file(name), target)
+    return run_dir / "report.html"
+
+
+def _announce(result: StageResult) -> None:
+    print(f"{result.stage:<20} {result.status:<6} {result.seconds:8.1f}s  {result.path}", flush=True)
+
+
+def run_pipeline(config: DistillConfig, config_path: Path | None = None) -> Path:
+    """``distill run``: preflight, every stage (reused when cached), summary.json, the report; returns its path."""
+    preflight(config)
+    quiet_known_warnings()
+    run_id = new_run_id(config.run.name)
+    run_dir = Path(config.run.runs_dir) / run_id
+    ctx = stages.Context(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+    executor = LocalExecutor(ctx.work_dir, announce=_announce)
+    print(f"run {run_id} (work dir {os.path.abspath(ctx.work_dir)})", flush=True)
+    extra = {"config": str(config_path) if config_path else None, "status": "failed"}
+    try:
+        report = execute(ctx, executor)
+        report_path = publish_report(report, run_dir)
+        extra.update(status="completed", report=str(report_path))
+    finally:
+        write_summary(run_dir, run_id, executor.results, extra)
+    return report_path

@@ -1,0 +1,579 @@
+"""The pipeline's stages: pure Python, no Prefect. Each function returns a ``StageSpec`` (name, cache key, builder).
+
+A key hashes the config section(s) the stage reads, the content hashes of the files it consumes and the code
+version of the packages it runs (``pipeline.cache.stage_key``). The DAG (``pipeline.runner``)::
+
+    prepare_corpus ─┬─ tokenizer ─┬─ bootstrap_teacher (embedded default) ─┐
+                    │             │                                         ├─ collect ── snapshot ─┬─ train[soft] ─┐
+                    └─────────────┴─────────────────────────────────────────┘                      └─ train[hard] ─┴─ evaluate ── report
+
+``prepare_corpus`` writes two files: ``samples.jsonl`` (what the teacher is asked about: the corpus section's
+source) and ``base.jsonl`` (standard-library text the tokenizer and the bootstrap teacher learn from). Keys hash
+them separately, so adding prompts to a prompt file re-runs collect for the new prompts only and never retrains
+the tokenizer or the teacher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.cache import StageResult, StageSpec, hash_file, stage_key
+from pipeline.config import DistillConfig
+
+Log = Callable[[str], None]
+Progress = Callable[[str, float], None]  # (what, percent 0..100)
+
+PERCENT = re.compile(r"(\d{1,3})%\|")  # a tqdm bar: " 45%|####      | 45/100"
+TRAIN_MODULE = "student.train"
+EVALUATE_MODULE = "student.evaluate"
+# Teacher settings that change how fast data arrives, not what it is: kept out of the collect key.
+TRANSPORT_FIELDS = frozenset(
+    {"concurrency", "requests_per_minute", "tokens_per_minute", "timeout_s", "max_retries", "on_bad_line"}
+)
+
+
+@dataclass
+class Context:
+    """What every stage needs besides its inputs: the config, where outputs go, and where to report."""
+
+    config: DistillConfig
+    log: Log = print
+    progress: Progress | None = None
+    env: dict[str, str] | None = None  # environment of launched subprocesses (None: inherit)
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.config.run.work_dir)
+
+    def report_progress(self, what: str, percent: float) -> None:
+        if self.progress is not None:
+            self.progress(what, percent)
+
+
+def uses_bootstrap_teacher(config: DistillConfig) -> bool:
+    """The embedded default: a local teacher trained here (no checkpoint given)."""
+    return config.teacher.base_url == "local" and config.bootstrap.checkpoint is None
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+
+
+def prepare_corpus(ctx: Context) -> StageSpec:
+    from pipeline import corpus
+
+    settings = ctx.config.corpus
+    seed = ctx.config.run.seed
+    on_bad_line = ctx.config.teacher.on_bad_line
+
+    def build(out: Path, resume: bool) -> dict[str, Any]:
+        base_settings = settings.model_copy(update={"source": "stdlib", "paths": []})
+        base = corpus.stdlib_items(base_settings, seed)
+        items = base if settings.source == "stdlib" else corpus.file_items(settings, seed, on_bad_line)
+        corpus.write_items(items, out / "samples.jsonl")
+        corpus.write_items(base, out / "base.jsonl")
+        ctx.log(f"corpus: {len(items)} samples {corpus.split_counts(items)}; {len(base)} base chunks")
+        return {"samples": corpus.split_counts(items), "base": corpus.split_counts(base)}
+
+    key = stage_key(
+        "prepare_corpus",
+        {"corpus": settings, "seed": seed, "on_bad_line": on_bad_line},
+        corpus.source_fingerprint(settings),
+        ["pipeline.corpus", "teacher.inputs"],
+    )
+    return StageSpec("prepare_corpus", key, build)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer(ctx: Context, corpus_result: StageResult) -> StageSpec:
+    settings = ctx.config.tokenizer
+
+    def build(out: Path, resume: bool) -> dict[str, Any]:
+        from pipeline.corpus import read_items
+        from student.tokenizer import StudentTokenizer
+
+        if settings.path is not None:
+            tok = StudentTokenizer.load(settings.path)
+        else:
+            texts = [item.prompt_text() for item in read_items(corpus_result.file("base.jsonl"), ["train"])]
+            tok = StudentTokenizer.train(texts, settings.vocab_size)
+        tok.save(out / "tokenizer.json")
+        ctx.log(f"tokenizer: vocabulary of {tok.vocab_size}")
+        return {"vocab_size": tok.vocab_size}
+
+    inputs = (
+        {"file": hash_file(settings.path)}
+        if settings.path is not None
+        else {"base": corpus_result.hash_of("base.jsonl")}
+    )
+    key = stage_key("tokenizer", settings, inputs, ["student.tokenizer"])
+    return StageSpec("tokenizer", key, build)
+
+
+# ---------------------------------------------------------------------------------------------- training helpers
+
+
+def _write_json(path: Path, data: Any) -> Path:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str), encoding="utf-8")
+    return path
+
+
+def _torchrun(ctx: Context, nproc: int, module: str, spec_path: Path, what: str) -> None:
+    """Launch ``module`` under torchrun; its output goes to the stage log, tqdm percentages to progress."""
+    from pipeline.launch import launch, torchrun_command
+
+    def log(line: str) -> None:
+        ctx.log(f"[{what}] {line}")
+        if match := PERCENT.search(line):
+            ctx.report_progress(what, float(match.group(1)))
+
+    ctx.log(f"{what}: torchrun --nproc-per-node={nproc} -m {module} {spec_path.name}")
+    ctx.report_progress(what, 0.0)
+    launch(torchrun_command(nproc, module, [str(spec_path)]), log=log, env=ctx.env)
+    ctx.report_progress(what, 100.0)
+
+
+def _final_checkpoint(out: Path) -> str:
+    """``student.train`` leaves the model in ``out/final``; returned relative to ``out`` (it is renamed later)."""
+    if not (out / "final").is_dir():
+        raise RuntimeError(f"training finished but wrote no final checkpoint in {out}")
+    return "final"
+
+
+def _train_spec(
+    model: Any,
+    train: Any,
+    loss: Any,
+    tokenizer_path: Path,
+    train_data: Path,
+    val_data: Path,
+    out_dir: Path,
+    resume: bool,
+) -> dict[str, Any]:
+    """The SPEC.json of ``python -m student.train`` (keys agreed in docs/architecture.md)."""
+    return {
+        "model": model.model_dump(mode="json"),
+        "train": train.model_dump(mode="json"),
+        "loss": loss.model_dump(mode="json"),
+        "tokenizer": str(tokenizer_path),
+        "train_data": str(train_data),
+        "val_data": str(val_data),
+        "out_dir": str(out_dir),
+        "resume": resume,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- bootstrap teacher
+
+
+def bootstrap_teacher(ctx: Context, corpus_result: StageResult, tok_result: StageResult) -> StageSpec:
+    """The embedded default's teacher: trained here with hard CE on the standard-library text (TP as configured)."""
+    settings = ctx.config.bootstrap
+
+    def build(out: Path, resume: bool) -> dict[str, Any]:
+        from pipeline.corpus import read_items
+        from student.batches import TokenCorpus
+        from student.settings import LossSettings
+        from student.tokenizer import StudentTokenizer
+
+        tok = StudentTokenizer.load(tok_result.file("tokenizer.json"))
+        data = out / "data"
+        paths = {}
+        for split in ("train", "val"):
+            texts = [
+                i.prompt_text()
+                for i in read_items(
+                    corpus_result.file("base.jsonl"), [split] if split == "train" else ["val", "test"]
+                )
+            ]
+            paths[split] = TokenCorpus.from_documents(tok.encode_batch(texts)).save(data / f"{split}.npz")
+        spec = _train_spec(
+            settings.model,
+            settings.train,
+            LossSettings(kind="hard"),
+            tok_result.file("tokenizer.json"),
+            paths["train"],
+            paths["val"],
+            out,
+            resume,
+        )
+        spec_path = _write_json(out / "train_spec.json", spec)
+        nproc = settings.train.tensor_parallel * settings.train.data_parallel
+        _torchrun(ctx, nproc, TRAIN_MODULE, spec_path, "bootstrap_teacher")
+        return {"checkpoint": _final_checkpoint(out), "train_log": "metrics.jsonl"}
+
+    key = stage_key(
+        "bootstrap_teacher",
+        {"model": settings.model, "train": settings.train},
+        {"base": corpus_result.hash_of("base.jsonl"), "tokenizer": tok_result.hash_of("tokenizer.json")},
+        ["student"],
+    )
+    return StageSpec("bootstrap_teacher", key, build, resumable=True)
+
+
+# ---------------------------------------------------------------------------------------------- collect
+
+
+class CollectError(RuntimeError):
+    """Collection failed as a whole (e.g. the teacher could not be reached); names the URL and the cause."""
+
+
+def teacher_checkpoint(config: DistillConfig, teacher_result: StageResult | None) -> Path | None:
+    """The checkpoint the local teacher server serves (None for a remote teacher)."""
+    if config.teacher.base_url != "local":
+        return None
+    if config.bootstrap.checkpoint is not None:
+        return Path(config.bootstrap.checkpoint)
+    if teacher_result is None:
+        raise ValueError("the bootstrap teacher stage must run before collect")
+    return Path(teacher_result.path) / teacher_result.info["checkpoint"]
+
+
+def teacher_identity(config: DistillConfig, teacher_result: StageResult | None) -> str:
+    """The model name records are stored under. A local teacher's name carries a hash of its weights, so a
+    retrained teacher never reuses the records of the previous one (its sample ids differ)."""
+    from pipeline.cache import hash_tree, hash_value
+
+    checkpoint = teacher_checkpoint(config, teacher_result)
+    if checkpoint is None:
+        return config.teacher.model
+    weights = (
+        teacher_result.hash_of() if config.bootstrap.checkpoint is None else hash_value(hash_tree(checkpoint))
+    )
+    return f"{config.teacher.model}-{weights[:10]}"
+
+
+@contextlib.contextmanager
+def _teacher_endpoint(
+    ctx: Context, checkpoint: Path | None, model_name: str
+) -> Iterator[tuple[str, str | None]]:
+    """(base_url, api_key): the local server started for the duration of the block, or the configured API."""
+    from teacher.secrets import resolve_api_key
+
+    settings = ctx.config.teacher
+    if checkpoint is None:
+        yield settings.base_url, resolve_api_key(settings, required=False)
+        return
+    from teacher.server import local_teacher_server
+
+    ctx.log(f"collect: starting the local teacher server on {checkpoint}")
+    with local_teacher_server(
+        ctx.config.local_teacher, checkpoint=checkpoint, model_name=model_name
+    ) as server:
+        ctx.log(f"collect: local teacher at {server.base_url}")
+        yield server.base_url, server.api_key or None
+
+
+def collect(
+    ctx: Context,
+    corpus_result: StageResult,
+    teacher_result: StageResult | None,
+    refresh: bool = False,
+) -> StageSpec:
+    """Ask the teacher about every sample not yet stored for this teacher and request parameters.
+
+    Output: ``selection.json``, every sample id stored for this teacher and parameters, per split (what the
+    snapshot will hold, so the snapshot's key changes exactly when its content does).
+
+    Incremental by construction: the catalog knows which sample ids are stored, so a new key (more prompts, a
+    code change) fetches only what is missing. ``refresh`` also re-asks for records older than
+    ``teacher.max_age_days`` and is never cached (the refresh flow).
+    """
+    import time
+
+    from teacher.client import request_params
+
+    config = ctx.config
+    name = teacher_identity(config, teacher_result)
+    checkpoint = teacher_checkpoint(config, teacher_result)
+    settings = config.teacher.model_copy(update={"model": name})
+    if (
+        checkpoint is not None and settings.tokenizer_path is None
+    ):  # the local teacher's ids are its tokenizer's
+        settings = settings.model_copy(update={"tokenizer_path": str(checkpoint / "tokenizer.json")})
+    params = request_params(settings)
+
+    def build(out: Path, resume: bool) -> dict[str, Any]:
+        from pipeline.corpus import read_items
+        from storage.catalog import Catalog
+        from storage.records import SPLITS, sample_id
+        from storage.shards import ShardWriter, shard_dir
+        from teacher.collect import collect as ask_teacher
+
+        items = read_items(corpus_result.file("samples.jsonl"))
+        resolve = None
+        if settings.tokenizer_path is not None:  # teacher id -> bytes, for servers that report ids
+            from student.tokenizer import StudentTokenizer
+
+            resolve = StudentTokenizer.load(settings.tokenizer_path).token_bytes
+        ids = [sample_id(item.prompt_text(), name, params) for item in items]
+        wanted = set(ids)
+        data_dir = Path(config.storage.data_dir)
+        with Catalog(data_dir) as catalog:
+            stored = catalog.existing_sample_ids(name, params)
+            if refresh and config.teacher.max_age_days is not None:
+                stale = catalog.stale_sample_ids(config.teacher.max_age_days * 86400.0)
+                ctx.log(f"collect: {len(stale & stored)} stored record(s) are stale and asked again")
+                stored -= stale
+            todo = len(wanted - stored)
+            ctx.log(f"collect: {len(items)} samples, {len(items) - todo} already stored, {todo} to ask")
+            writer = ShardWriter(data_dir, config.storage, catalog)
+            done = 0
+
+            def sink(records, vocab) -> None:
+                nonlocal done
+                writer.add(records, vocab)
+                done += len(records)
+                ctx.report_progress("collect", 100.0 * done / max(todo, 1))
+
+            with _teacher_endpoint(ctx, checkpoint, name) as (base_url, api_key):
+                result = ask_teacher(items, settings, base_url, api_key, stored, sink, resolve=resolve)
+            writer.close()
+            catalog.record_failures([(f.sample_id, f.reason) for f in result.failures])
+            selection = {
+                split: sorted(
+                    sid for _, _, sid in catalog.select(splits=[split], teacher=name, params=params)
+                )
+                for split in SPLITS
+            }
+            shards = sorted({shard for shard, _, _ in catalog.select(teacher=name, params=params)})
+        ctx.report_progress("collect", 100.0)
+        if result.failures and result.collected == 0:
+            raise CollectError(
+                f"collect: the teacher at {base_url} failed all {len(result.failures)} request(s) after "
+                f"{config.teacher.max_retries} retries; cause: {result.failures[0].reason}"
+            )
+        _write_json(out / "selection.json", {"teacher": name, "params": params, "samples": selection})
+        return {
+            "teacher": name,
+            "base_url": base_url,
+            "requested": result.requested,
+            "collected": result.collected,
+            "skipped": result.skipped,
+            "failed": len(result.failures),
+            "failures": [{"sample_id": f.sample_id, "reason": f.reason} for f in result.failures[:20]],
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "shards": [str(shard_dir(data_dir) / s) for s in shards],
+            "collected_at": time.time(),
+        }
+
+    collect_settings = {
+        k: v for k, v in config.teacher.model_dump(mode="json").items() if k not in TRANSPORT_FIELDS
+    }
+    inputs = {"samples": corpus_result.hash_of("samples.jsonl"), "teacher": name}
+    if refresh:
+        inputs["refresh"] = str(time.time())
+    key = stage_key(
+        "collect",
+        {"teacher": collect_settings, "storage": str(Path(config.storage.data_dir).resolve())},
+        inputs,
+        ["teacher", "storage"],
+    )
+    return StageSpec("collect", key, build, external=lambda info: info.get("shards", []))
+
+
+# ---------------------------------------------------------------------------------------------- snapshot
+
+
+def snapshot(ctx: Context, collect_result: StageResult) -> StageSpec:
+    """Immutable train/val/test snapshot manifests of the collected records (``storage.snapshot``)."""
+    data_dir = Path(ctx.config.storage.data_dir)
+    selection_hash = collect_result.hash_of("selection.json")
+
+    def build(out: Path, resume: bool) -> dict[str, Any]:
+        from storage.catalog import Catalog
+        from storage.snapshot import create_snapshot
+
+        chosen = json.loads(collect_result.file("selection.json").read_text(encoding="utf-8"))
+        info: dict[str, Any] = {}
+        with Catalog(data_dir) as catalog:
+            for split in ("train", "val", "test"):
+                snap = create_snapshot(
+                    catalog,
+                    f"{split}-{selection_hash[:16]}",
+                    splits=[split],
+                    teacher=chosen["teacher"],
+                    params=chosen["params"],
+                )
+                if snap.samples == 0 and split != "val":
+                    raise CollectError(
+                        f"snapshot: no {split} records for teacher {chosen['teacher']}; "
+                        "check corpus.test_fraction / the splits in the prompt files"
+                    )
+                (out / f"{split}.json").write_bytes(snap.path.read_bytes())
+                info[split] = {
+                    "samples": snap.samples,
+                    "tokens": snap.tokens,
+                    "content_hash": snap.content_hash,
+                }
+                ctx.log(f"snapshot {split}: {snap.samples} samples, {snap.tokens} tokens")
+        return info
+
+    key = stage_key(
+        "snapshot", {"data_dir": str(data_dir.resolve())}, {"selection": selection_hash}, ["storage"]
+    )
+    return StageSpec(
+        "snapshot", key, build, external=lambda info: [str(p) for p in _snapshot_shards(collect_result)]
+    )
+
+
+def _snapshot_shards(collect_result: StageResult) -> list[str]:
+    return list(collect_result.info.get("shards", []))
+
+
+# ---------------------------------------------------------------------------------------------- train
+
+
+def train(ctx: Context, student: str, snapshot_result: StageResult, tok_result: StageResult) -> StageSpec:
+    """One student (``[students.<name>]``): torchrun at TP x DP over the train snapshot, validated on val."""
+    config = ctx.config
+    loss = config.students[student]
+    name = f"train_{student}"
+
+    def build(out: Path, resume: bool) -> dict[str, Any]:
+        val = snapshot_result.file("val.json")
+        has_val = json.loads(val.read_text(encoding="utf-8"))["samples"] > 0
+        spec = _train_spec(
+            config.model,
+            config.train,
+            loss,
+            tok_result.file("tokenizer.json"),
+            snapshot_result.file("train.json"),
+            val if has_val else snapshot_result.file("test.json"),
+            out,
+            resume,
+        )
+        spec_path = _write_json(out / "train_spec.json", spec)
+        nproc = config.train.tensor_parallel * config.train.data_parallel
+        _torchrun(ctx, nproc, TRAIN_MODULE, spec_path, name)
+        summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
+        return {"checkpoint": _final_checkpoint(out), "train_log": "metrics.jsonl", "summary": summary}
+
+    key = stage_key(
+        name,
+        {"model": config.model, "train": config.train, "loss": loss},
+        {
+            "train": snapshot_result.hash_of("train.json"),
+            "val": snapshot_result.hash_of("val.json", "test.json"),
+            "tokenizer": tok_result.hash_of("tokenizer.json"),
+        },
+        ["student", "storage", "teacher.alignment"],
+    )
+    return StageSpec(name, key, build, resumable=True)
+
+
+# ---------------------------------------------------------------------------------------------- evaluate, report
+
+
+def evaluate(
+    ctx: Context,
+    students: dict[str, StageResult],
+    snapshot_result: StageResult,
+    tok_result: StageResult,
+    teacher_result: StageResult | None,
+) -> StageSpec:
+    """Held-out metrics of every student (and the local teacher) on the test snapshot, at the training TP."""
+    config = ctx.config
+    teacher_ckpt = teacher_checkpoint(config, teacher_result)
+
+    def build(out: Path, resume: bool) -> dict[str, Any]:
+        spec = {
+            "models": {name: str(r.file(r.info["checkpoint"])) for name, r in students.items()},
+            "train_logs": {name: str(r.file(r.info["train_log"])) for name, r in students.items()},
+            "teacher": str(teacher_ckpt) if teacher_ckpt is not None else None,
+            "tokenizer": str(tok_result.file("tokenizer.json")),
+            "test_data": str(snapshot_result.file("test.json")),
+            "evaluate": config.evaluate.model_dump(mode="json"),
+            "seq_length": config.model.seq_length,
+            "micro_batch_size": config.train.micro_batch_size,
+            "seed": config.run.seed,
+            "out": str(out / "metrics.json"),
+        }
+        spec_path = _write_json(out / "evaluate_spec.json", spec)
+        _torchrun(ctx, config.train.tensor_parallel, EVALUATE_MODULE, spec_path, "evaluate")
+        return {"metrics": "metrics.json"}
+
+    inputs = {name: r.hash_of() for name, r in students.items()}
+    inputs |= {
+        "test": snapshot_result.hash_of("test.json"),
+        "tokenizer": tok_result.hash_of("tokenizer.json"),
+    }
+    if teacher_result is not None:
+        inputs["teacher"] = teacher_result.hash_of()
+    elif teacher_ckpt is not None:
+        inputs["teacher"] = str(teacher_ckpt.resolve())
+    key = stage_key(
+        "evaluate",
+        {"evaluate": config.evaluate, "tp": config.train.tensor_parallel, "seed": config.run.seed},
+        inputs,
+        ["student", "storage", "teacher.alignment"],
+    )
+    return StageSpec("evaluate", key, build)
+
+
+def _data_stats(collect_result: StageResult, snapshot_result: StageResult, data_dir: Path) -> dict[str, Any]:
+    from storage.catalog import Catalog
+
+    with Catalog(data_dir, sync=False) as catalog:
+        bytes_per_token = catalog.stats().bytes_per_token
+    info = collect_result.info
+    return {
+        "samples": {split: v["samples"] for split, v in snapshot_result.info.items()},
+        "tokens": {split: v["tokens"] for split, v in snapshot_result.info.items()},
+        "bytes_per_token": bytes_per_token,
+        "collection_failures": info.get("failed", 0),
+        "cost_tokens": {
+            "prompt": info.get("prompt_tokens", 0),
+            "completion": info.get("completion_tokens", 0),
+        },
+        "teacher": info.get("teacher"),
+    }
+
+
+def report(
+    ctx: Context,
+    collect_result: StageResult,
+    snapshot_result: StageResult,
+    students: dict[str, StageResult],
+    evaluate_result: StageResult,
+) -> StageSpec:
+    """The report (HTML + Markdown + loss curves, and a Markdown with the plot inline for Prefect)."""
+    config = ctx.config
+
+    def build(out: Path, resume: bool) -> dict[str, Any]:
+        import shutil
+
+        from pipeline.report import append_eval_results, artifact_markdown, build_report
+        from storage.catalog import CATALOG_FILE
+
+        shutil.copy2(evaluate_result.file("metrics.json"), out / "metrics.json")
+        stats = _data_stats(collect_result, snapshot_result, Path(config.storage.data_dir))
+        curves = {name: r.file(r.info["train_log"]) for name, r in students.items()}
+        paths = build_report(out, config, stats, curves, title=f"Distillation report: {config.run.name}")
+        (out / "report_artifact.md").write_text(
+            artifact_markdown(out, config, stats, curves, title=f"Distillation report: {config.run.name}"),
+            encoding="utf-8",
+        )
+        metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+        append_eval_results(Path(config.storage.data_dir) / CATALOG_FILE, key, metrics)
+        return {"html": paths.html.name, "markdown": paths.markdown.name}
+
+    key = stage_key(
+        "report",
+        {"config": config},
+        {
+            "metrics": evaluate_result.hash_of("metrics.json"),
+            "selection": collect_result.hash_of("selection.json"),
+            **{name: r.hash_of("metrics.jsonl") for name, r in students.items()},
+        },
+        ["pipeline.report"],
+    )
+    return StageSpec("report", key, build)

@@ -1,0 +1,303 @@
+"""The DuckDB catalog: an index over the shard files, rebuildable from them alone (``reindex``).
+
+One process owns ``<data_dir>/catalog.duckdb`` (DuckDB locks the file); collectors beside it write shards only,
+and the owner registers them with ``sync()`` (also run when the catalog opens, so a shard renamed just before a
+crash is never lost nor collected twice). A sample id found in several shards (two collectors raced) is kept
+once: every query reads the ``unique_records`` view, which keeps its first occurrence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from storage.schema import ShardError
+from storage.shards import (
+    SHARD_SUFFIX,
+    TMP_SUFFIX,
+    ShardInfo,
+    file_sha256,
+    index_rows,
+    open_shard,
+    read_shard_table,
+    shard_dir,
+)
+
+log = logging.getLogger(__name__)
+
+CATALOG_FILE = "catalog.duckdb"
+_INDEX_COLUMNS = ["topk_k", "sample_id", "split", "teacher", "mode", "params", "created_at"]
+_INDEX_COLUMNS += ["prompt_tokens", "completion_tokens", "finish_reason"]
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS shards (
+    name TEXT PRIMARY KEY, bytes BIGINT, sha256 TEXT, rows INTEGER, tokens BIGINT, codec TEXT,
+    registered_at DOUBLE
+);
+CREATE TABLE IF NOT EXISTS records (
+    sample_id TEXT, shard TEXT, row_index INTEGER, split TEXT, teacher TEXT, mode TEXT, params TEXT,
+    created_at DOUBLE, prompt_tokens INTEGER, completion_tokens INTEGER, finish_reason TEXT,
+    n_tokens BIGINT, n_soft BIGINT
+);
+CREATE TABLE IF NOT EXISTS failures (key TEXT, reason TEXT, recorded_at DOUBLE);
+CREATE OR REPLACE VIEW unique_records AS
+    SELECT * FROM records
+    QUALIFY row_number() OVER (PARTITION BY sample_id ORDER BY created_at, shard, row_index) = 1;
+"""
+
+
+@dataclass
+class SplitStats:
+    samples: int
+    tokens: int
+    soft_tokens: int
+
+
+@dataclass
+class CatalogStats:
+    shards: int
+    bytes: int
+    tokens: int
+    bytes_per_token: float
+    splits: dict[str, SplitStats]
+    teachers: dict[str, int]
+    duplicates: int
+    failures: int
+    temp_files: int
+    missing_shards: list[str] = field(default_factory=list)
+
+    def render(self) -> str:
+        lines = [
+            f"shards: {self.shards}  bytes: {self.bytes:,}  tokens: {self.tokens:,}  "
+            f"bytes/token: {self.bytes_per_token:.2f}",
+            f"{'split':<8}{'samples':>12}{'tokens':>14}{'soft tokens':>14}",
+        ]
+        for name, s in sorted(self.splits.items()):
+            lines.append(f"{name:<8}{s.samples:>12,}{s.tokens:>14,}{s.soft_tokens:>14,}")
+        for teacher, n in sorted(self.teachers.items()):
+            lines.append(f"teacher {teacher}: {n:,} samples")
+        lines.append(
+            f"duplicate sample ids: {self.duplicates}  failures: {self.failures}  "
+            f"unfinished .tmp files: {self.temp_files}"
+        )
+        lines += [f"MISSING shard file: {name}" for name in self.missing_shards]
+        return "\n".join(lines)
+
+
+def params_key(params: dict[str, Any]) -> str:
+    """How request parameters are stored (and matched): canonical JSON, as in the shards."""
+    return json.dumps(params, sort_keys=True)
+
+
+class Catalog:
+    """Open (creating if needed) the catalog of ``data_dir``; ``sync`` registers shards written by others."""
+
+    def __init__(self, data_dir: str | Path, sync: bool = True, read_only: bool = False) -> None:
+        self.data_dir = Path(data_dir)
+        self.path = self.data_dir / CATALOG_FILE
+        if read_only and not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no catalog (run `distill data reindex` to build one)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.con = duckdb.connect(str(self.path), read_only=read_only)
+        except duckdb.Error as exc:
+            raise ShardError(f"{self.path}: cannot open the DuckDB catalog: {exc}") from None
+        if not read_only:
+            self.con.execute(_DDL)
+            if sync:
+                self.sync()
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- writing -----------------------------------------------------------------------------------------
+    def register(self, info: ShardInfo, rows: pa.Table) -> None:
+        """Record one complete (already renamed) shard and its rows, in one transaction."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self.con.execute(
+                "INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [info.name, info.bytes, info.sha256, info.rows, info.tokens, info.codec, time.time()],
+            )
+            rows = rows.append_column("row_index", pa.array(np.arange(rows.num_rows, dtype=np.int32)))
+            self.con.register("_new_rows", rows)
+            self.con.execute(
+                """INSERT INTO records SELECT sample_id, ?, row_index, split, teacher, mode,
+                   params, created_at, prompt_tokens, completion_tokens, finish_reason, n_tokens, n_soft
+                   FROM _new_rows""",
+                [info.name],
+            )
+            self.con.unregister("_new_rows")
+            self.con.execute("COMMIT")
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+
+    def _register_file(self, path: Path) -> None:
+        table = read_shard_table(path, columns=_INDEX_COLUMNS)
+        codec = open_shard(path).schema_arrow.metadata[b"distill.logprob_codec"].decode()
+        rows = index_rows(table)
+        info = ShardInfo(
+            path.name,
+            path.stat().st_size,
+            file_sha256(path),
+            table.num_rows,
+            int(rows["n_tokens"].to_numpy().sum()),
+            codec,
+        )
+        self.register(info, rows)
+
+    def shard_files(self) -> list[Path]:
+        directory = shard_dir(self.data_dir)
+        return sorted(directory.glob(f"*{SHARD_SUFFIX}")) if directory.is_dir() else []
+
+    def sync(self) -> int:
+        """Register complete shard files not yet in the catalog (written by other processes); returns how many."""
+        known = {name for (name,) in self.con.execute("SELECT name FROM shards").fetchall()}
+        new = [p for p in self.shard_files() if p.name not in known]
+        for path in new:
+            self._register_file(path)
+        if new:
+            log.info("catalog: registered %d new shard(s)", len(new))
+        return len(new)
+
+    def reindex(self, progress: bool = False) -> int:
+        """Rebuild the shard and record index from the shard files alone; returns the number of shards."""
+        files = self.shard_files()
+        for path in files:  # fail before touching the index, naming the bad file
+            open_shard(path)
+        self.con.execute("BEGIN TRANSACTION")
+        self.con.execute("DELETE FROM records")
+        self.con.execute("DELETE FROM shards")
+        self.con.execute("COMMIT")
+        for path in tqdm(files, desc="reindex", unit="shard", disable=not progress):
+            self._register_file(path)
+        return len(files)
+
+    def record_failures(self, failures: list[tuple[str, str]]) -> None:
+        """Remember requests that failed for good: ``(sample id or prompt hash, reason)``."""
+        if failures:
+            now = time.time()
+            self.con.executemany("INSERT INTO failures VALUES (?, ?, ?)", [(k, r, now) for k, r in failures])
+
+    # --- queries -----------------------------------------------------------------------------------------
+    def existing_sample_ids(
+        self, teacher: str | None = None, params: dict[str, Any] | None = None
+    ) -> set[str]:
+        """Sample ids already stored (optionally only for this teacher and these request parameters)."""
+        query, args = "SELECT DISTINCT sample_id FROM records WHERE 1=1", []
+        if teacher is not None:
+            query, args = query + " AND teacher = ?", [*args, teacher]
+        if params is not None:
+            query, args = query + " AND params = ?", [*args, params_key(params)]
+        return {sid for (sid,) in self.con.execute(query, args).fetchall()}
+
+    def stale_sample_ids(
+        self, max_age_s: float | None = None, teacher: str | None = None, now: float | None = None
+    ) -> set[str]:
+        """Samples due for a refresh: older than ``max_age_s`` seconds, or written by a teacher other than
+        ``teacher`` (a previous teacher version)."""
+        clauses, args = [], []
+        if max_age_s is not None:
+            clauses.append("created_at < ?")
+            args.append((time.time() if now is None else now) - max_age_s)
+        if teacher is not None:
+            clauses.append("teacher <> ?")
+            args.append(teacher)
+        if not clauses:
+            return set()
+        rows = self.con.execute(f"SELECT sample_id FROM unique_records WHERE {' OR '.join(clauses)}", args)
+        return {sid for (sid,) in rows.fetchall()}
+
+    def failures(self) -> list[tuple[str, str, float]]:
+        return self.con.execute(
+            "SELECT key, reason, recorded_at FROM failures ORDER BY recorded_at"
+        ).fetchall()
+
+    def missing_shards(self) -> list[str]:
+        """Registered shards whose file is gone or changed size."""
+        missing = []
+        directory = shard_dir(self.data_dir)
+        for name, size in self.con.execute("SELECT name, bytes FROM shards ORDER BY name").fetchall():
+            path = directory / name
+            if not path.is_file() or path.stat().st_size != size:
+                missing.append(str(path))
+        return missing
+
+    def select(
+        self,
+        splits: list[str] | None = None,
+        teacher: str | None = None,
+        mode: str | None = None,
+        params: dict[str, Any] | None = None,
+        max_samples: int | None = None,
+    ) -> list[tuple[str, int, str]]:
+        """``(shard, row, sample_id)`` of the unique records matching the filters, ordered by shard and row."""
+        clauses, args = ["1=1"], []
+        if splits is not None:
+            clauses.append(f"split IN ({', '.join('?' for _ in splits)})")
+            args += list(splits)
+        for column, value in (("teacher", teacher), ("mode", mode)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
+        if params is not None:
+            clauses.append("params = ?")
+            args.append(params_key(params))
+        query = f"SELECT shard, row_index, sample_id FROM unique_records WHERE {' AND '.join(clauses)}"
+        query += " ORDER BY sample_id" + (f" LIMIT {int(max_samples)}" if max_samples is not None else "")
+        rows = self.con.execute(query, args).fetchall()
+        return sorted(rows)
+
+    def shard_info(self, name: str) -> ShardInfo:
+        row = self.con.execute(
+            "SELECT name, bytes, sha256, rows, tokens, codec FROM shards WHERE name = ?", [name]
+        ).fetchone()
+        if row is None:
+            raise KeyError(name)
+        return ShardInfo(*row)
+
+    def stats(self) -> CatalogStats:
+        shards, size, tokens = self.con.execute(
+            "SELECT count(*), coalesce(sum(bytes), 0), coalesce(sum(tokens), 0) FROM shards"
+        ).fetchone()
+        splits = {
+            split: SplitStats(int(n), int(t), int(s))
+            for split, n, t, s in self.con.execute(
+                "SELECT split, count(*), sum(n_tokens), sum(n_soft) FROM unique_records GROUP BY split"
+            ).fetchall()
+        }
+        teachers = dict(
+            self.con.execute("SELECT teacher, count(*) FROM unique_records GROUP BY teacher").fetchall()
+        )
+        (total,) = self.con.execute("SELECT count(*) FROM records").fetchone()
+        (failures,) = self.con.execute("SELECT count(*) FROM failures").fetchone()
+        directory = shard_dir(self.data_dir)
+        temp = len(list(directory.glob(f"*{TMP_SUFFIX}"))) if directory.is_dir() else 0
+        return CatalogStats(
+            shards=int(shards),
+            bytes=int(size),
+            tokens=int(tokens),
+            bytes_per_token=size / tokens if tokens else 0.0,
+            splits=splits,
+            teachers={k: int(v) for k, v in teachers.items()},
+            duplicates=int(total) - sum(s.samples for s in splits.values()),
+            failures=int(failures),
+            temp_files=temp,
+            missing_shards=self.missing_shards(),
+        )

@@ -1,0 +1,467 @@
+"""``PackedReader``: stream a snapshot's shards into fixed-length packed rows of torch tensors.
+
+How rows are made (all numpy, no Python loop per token):
+
+1. Each epoch orders the shards by a permutation of ``(seed, epoch)`` and reads them ``shuffle_window`` shards
+   at a time (memory: one window of decoded shards plus one row of carry-over).
+2. Each shard is mapped to the student's vocabulary with ``map_vocab(shard vocab bytes)``: an actual token with
+   a single student id becomes it; one without is spelled as several student tokens (the teacher's top-k stays
+   on the first piece); a top-k candidate without a single student id is dropped (counted in ``coverage``).
+   Generate-mode records are prefixed by ``encode(prompt)`` (no teacher targets on prompt positions).
+3. The window's documents are shuffled and appended to one token stream; row ``r`` takes stream tokens
+   ``[rS, rS + S]`` (inputs ``[rS, rS + S)``, labels shifted by one), so a document longer than a row continues
+   in the next one. Positions and ``doc_ids`` restart at each document and at each row (attention never crosses
+   a row). The teacher's top-k attached to a token is the target of the label that is that token.
+4. Data parallelism: global batch ``b`` holds rows ``[b·B·D, (b+1)·B·D)``; rank ``i`` takes the ``B`` rows
+   starting at ``b·B·D + i·B``. The last batch of an epoch is padded with empty rows (``loss_mask`` 0) so every
+   rank sees the same number of batches. Epochs are independent (no carry between them), which makes the data
+   position ``(epoch, batch)`` an exact resume point (``state_dict`` / ``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from storage.codec import concat_ranges, segment_ids, segment_starts
+from storage.records import TokenMap
+from storage.schema import META_HAS_LOGITS, META_MAX_K, ShardArrays
+from storage.shards import read_shard_arrays
+from storage.snapshot import Snapshot, load_snapshot
+
+MapVocab = Callable[[list[bytes]], TokenMap]
+Encode = Callable[[str], list[int]]
+
+
+def identity_token_map(student_vocab: list[bytes]) -> MapVocab:
+    """A ``map_vocab`` for a student whose tokens are byte strings (``student_vocab[id]``): a teacher token maps
+    to the student id with the same bytes; one without is spelled greedily (longest known prefix first), so a
+    student vocabulary containing all 256 single bytes spells everything."""
+    index = {b: i for i, b in enumerate(student_vocab)}
+    longest = max((len(b) for b in student_vocab), default=1)
+
+    def spell(data: bytes) -> np.ndarray:
+        pieces, start = [], 0
+        while start < len(data):
+            for end in range(min(len(data), start + longest), start, -1):
+                if data[start:end] in index:
+                    pieces.append(index[data[start:end]])
+                    start = end
+                    break
+            else:
+                raise ValueError(
+                    f"teacher token {data!r}: byte {data[start : start + 1]!r} has no student token"
+                )
+        return np.array(pieces, dtype=np.int64)
+
+    def map_vocab(teacher_vocab: list[bytes]) -> TokenMap:
+        single = np.array([index.get(b, -1) for b in teacher_vocab], dtype=np.int64)
+        expand = {t: spell(b) for t, b in enumerate(teacher_vocab) if single[t] < 0 and b}
+        return TokenMap(single=single, expand=expand)
+
+    return map_vocab
+
+
+@dataclass
+class Coverage:
+    """Teacher candidates kept / dropped by the vocabulary mapping, and actual tokens spelled in pieces."""
+
+    kept: int = 0
+    dropped: int = 0
+    expanded_tokens: int = 0
+
+    @property
+    def fraction_kept(self) -> float:
+        total = self.kept + self.dropped
+        return self.kept / total if total else 1.0
+
+
+@dataclass
+class _Docs:
+    """Documents in the student's vocabulary: tokens with their (variable) top-k entries."""
+
+    doc_offsets: np.ndarray  # [D + 1] into tokens
+    tokens: np.ndarray  # int64 [L]
+    entry_offsets: np.ndarray  # [L + 1] into the entries
+    ids: np.ndarray  # int64 [E] student ids
+    logprobs: np.ndarray  # float32 [E]
+    logits: np.ndarray | None = None  # float32 [E]
+
+    @property
+    def k(self) -> np.ndarray:
+        return np.diff(self.entry_offsets)
+
+    def take(self, order: np.ndarray) -> _Docs:
+        lengths = np.diff(self.doc_offsets)[order]
+        token_index = concat_ranges(self.doc_offsets[:-1][order], lengths)
+        k = self.k[token_index]
+        entry_index = concat_ranges(self.entry_offsets[:-1][token_index], k)
+        return _Docs(
+            segment_starts(lengths),
+            self.tokens[token_index],
+            segment_starts(k),
+            self.ids[entry_index],
+            self.logprobs[entry_index],
+            None if self.logits is None else self.logits[entry_index],
+        )
+
+    @staticmethod
+    def concat(parts: list[_Docs], with_logits: bool) -> _Docs:
+        def offsets(name: str) -> np.ndarray:
+            pieces, base = [np.zeros(1, np.int64)], 0
+            for p in parts:
+                o = getattr(p, name)
+                pieces.append(o[1:] + base)
+                base += int(o[-1])
+            return np.concatenate(pieces)
+
+        def logits(p: _Docs) -> np.ndarray:
+            return p.logits if p.logits is not None else np.full(len(p.ids), np.nan, np.float32)
+
+        return _Docs(
+            offsets("doc_offsets"),
+            np.concatenate([p.tokens for p in parts]),
+            offsets("entry_offsets"),
+            np.concatenate([p.ids for p in parts]),
+            np.concatenate([p.logprobs for p in parts]),
+            np.concatenate([logits(p) for p in parts]) if with_logits else None,
+        )
+
+
+def _spelling_table(token_map: TokenMap) -> tuple[np.ndarray, np.ndarray]:
+    """Every teacher rank's student spelling as (offsets [V+1], values): one id, or the expansion."""
+    lengths = np.ones(len(token_map.single), dtype=np.int64)
+    for t, pieces in token_map.expand.items():
+        if token_map.single[t] < 0:
+            lengths[t] = len(pieces)
+    offsets = segment_starts(lengths)
+    values = token_map.single.astype(np.int64).copy()
+    values = np.repeat(values, lengths)
+    for t, pieces in token_map.expand.items():
+        if token_map.single[t] < 0:
+            values[offsets[t] : offsets[t + 1]] = pieces
+    return offsets, values
+
+
+def shard_to_docs(
+    shard: ShardArrays,
+    token_map: TokenMap,
+    encode: Encode | None,
+    top_k: int,
+    coverage: Coverage,
+    source: str,
+) -> _Docs:
+    """Map one decoded shard to student-vocabulary documents (one per row)."""
+    if len(token_map.single) != len(shard.vocab_bytes):
+        raise ValueError(
+            f"{source}: map_vocab returned {len(token_map.single)} ids for {len(shard.vocab_bytes)} tokens"
+        )
+    unmapped = np.flatnonzero(token_map.single[shard.tokens] < 0)
+    missing = {int(t) for t in np.unique(shard.tokens[unmapped]) if int(t) not in token_map.expand}
+    if missing:
+        sample = sorted(shard.vocab_bytes[t] for t in missing)[:5]
+        raise ValueError(f"{source}: teacher tokens with no student spelling: {sample}")
+
+    # top-k candidates: map, drop the unmappable, keep at most top_k per position
+    k = shard.k
+    mapped = token_map.single[shard.topk_ids]
+    keep = mapped >= 0
+    coverage.kept += int(keep.sum())
+    coverage.dropped += int((~keep).sum())
+    position = segment_ids(k)
+    kept_start = segment_starts(np.bincount(position[keep], minlength=len(k)))[:-1]
+    keep &= (np.cumsum(keep) - keep - kept_start[position]) < top_k
+    new_k = np.bincount(position[keep], minlength=len(k)).astype(np.int64)
+
+    # actual tokens: spell in student ids; the top-k stays on the first piece
+    spell_offsets, spell_values = _spelling_table(token_map)
+    piece_count = np.diff(spell_offsets)[shard.tokens]
+    coverage.expanded_tokens += int((piece_count > 1).sum())
+    tokens = spell_values[concat_ranges(spell_offsets[:-1][shard.tokens], piece_count)]
+    token_k = np.zeros(len(tokens), dtype=np.int64)
+    token_k[segment_starts(piece_count)[:-1]] = new_k
+
+    cumulative = segment_starts(piece_count)
+    row_lengths = cumulative[shard.row_offsets[1:]] - cumulative[shard.row_offsets[:-1]]
+
+    modes = shard.table.column("mode").to_pylist()
+    if "generate" in modes:
+        if encode is None:
+            raise ValueError(f"{source}: generate-mode records need `encode` for their prompts")
+        prompts = shard.table.column("prompt").to_pylist()
+        prefix = [
+            np.asarray(encode(p), np.int64) if m == "generate" else np.zeros(0, np.int64)
+            for p, m in zip(prompts, modes, strict=True)
+        ]
+        prefix_lengths = np.array([len(p) for p in prefix], dtype=np.int64)
+        doc_lengths = prefix_lengths + row_lengths
+        doc_offsets = segment_starts(doc_lengths)
+        is_prefix = np.zeros(int(doc_offsets[-1]), bool)
+        is_prefix[concat_ranges(doc_offsets[:-1], prefix_lengths)] = True
+        merged = np.empty(len(is_prefix), dtype=np.int64)
+        merged[is_prefix] = np.concatenate(prefix) if prefix else np.zeros(0, np.int64)
+        merged[~is_prefix] = tokens
+        merged_k = np.zeros(len(merged), dtype=np.int64)
+        merged_k[~is_prefix] = token_k
+        tokens, token_k = merged, merged_k
+    else:
+        doc_offsets = segment_starts(row_lengths)
+    logits = None if shard.topk_logits is None else shard.topk_logits[keep]
+    return _Docs(
+        doc_offsets, tokens, segment_starts(token_k), mapped[keep], shard.topk_logprobs[keep], logits
+    )
+
+
+@dataclass
+class _Stream:
+    """Tokens waiting to be cut into rows, with a document id per token (-1: padding)."""
+
+    docs: _Docs
+    doc_of_token: np.ndarray
+
+
+def _pad_docs(n: int) -> _Docs:
+    return _Docs(
+        np.zeros(1, np.int64),
+        np.zeros(n, np.int64),
+        np.zeros(n + 1, np.int64),
+        np.zeros(0, np.int64),
+        np.zeros(0, np.float32),
+        None,
+    )
+
+
+@dataclass
+class ReaderState:
+    epoch: int = 0
+    batch: int = 0  # batches already yielded in this epoch
+
+
+@dataclass
+class PackedReader:
+    """Packed training batches from a snapshot; see the module docstring for the layout.
+
+    ``epochs=None`` repeats forever. ``top_k`` fixes K (default: the largest k of the snapshot's shards).
+    Yields dicts of tensors: tokens, labels, loss_mask, soft_mask, topk_ids, topk_logprobs, position_ids,
+    doc_ids (+ topk_logits when any shard holds raw logits).
+    """
+
+    snapshot: Snapshot | str | Path
+    seq_len: int
+    micro_batch_size: int
+    map_vocab: MapVocab
+    encode: Encode | None = None
+    seed: int = 0
+    dp_rank: int = 0
+    dp_size: int = 1
+    epochs: int | None = 1
+    shuffle: bool = True
+    shuffle_window: int = 4
+    top_k: int | None = None
+    pad_id: int = 0
+    coverage: Coverage = field(default_factory=Coverage)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.snapshot, Snapshot):
+            self.snapshot = load_snapshot(self.snapshot)
+        if not 0 <= self.dp_rank < self.dp_size:
+            raise ValueError(f"dp_rank {self.dp_rank} outside [0, {self.dp_size})")
+        if self.seq_len < 1 or self.micro_batch_size < 1 or self.shuffle_window < 1:
+            raise ValueError("seq_len, micro_batch_size and shuffle_window must be positive")
+        max_k, self.with_logits = 0, False
+        for shard in self.snapshot.shards:
+            shard.check()
+            metadata = pq.read_schema(shard.path).metadata or {}
+            max_k = max(max_k, int(metadata.get(META_MAX_K, b"0")))
+            self.with_logits |= metadata.get(META_HAS_LOGITS) == b"1"
+        self.k = max(1, self.top_k if self.top_k is not None else max_k)
+        self._state = ReaderState()
+        self._maps: dict[str, TokenMap] = {}
+
+    # --- data position -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, int | str]:
+        """The data position after the last yielded batch; ``load_state_dict`` resumes exactly there."""
+        return {
+            "epoch": self._state.epoch,
+            "batch": self._state.batch,
+            "snapshot": self.snapshot.content_hash,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("snapshot", self.snapshot.content_hash) != self.snapshot.content_hash:
+            raise ValueError("reader state belongs to another snapshot (content hash differs)")
+        self._state = ReaderState(int(state["epoch"]), int(state["batch"]))
+
+    # --- iteration ---------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while self.epochs is None or self._state.epoch < self.epochs:
+            skip = self._state.batch
+            for index, batch in enumerate(self._epoch(self._state.epoch, skip)):
+                self._state.batch = skip + index + 1
+                yield batch
+            self._state = ReaderState(self._state.epoch + 1, 0)
+            if not self.snapshot.shards:
+                return
+
+    def _docs_of(self, shard_index: int) -> _Docs:
+        shard = self.snapshot.shards[shard_index]
+        arrays = read_shard_arrays(shard.path, shard.rows)
+        token_map = self.map_vocab(arrays.vocab_bytes)
+        return shard_to_docs(arrays, token_map, self.encode, self.k, self.coverage, str(shard.path))
+
+    def _epoch(self, epoch: int, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.snapshot.shards)
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        rows_per_batch = self.micro_batch_size * self.dp_size
+        own_start = self.dp_rank * self.micro_batch_size
+        carry = _Stream(_pad_docs(0), np.zeros(0, np.int64))
+        next_doc, row, pending = 0, 0, []
+        batch_index = 0
+        for w in range(0, n, self.shuffle_window):
+            parts = [self._docs_of(i) for i in order[w : w + self.shuffle_window]]
+            docs = _Docs.concat(parts, self.with_logits)
+            count = len(docs.doc_offsets) - 1
+            if self.shuffle:
+                docs = docs.take(rng.permutation(count))
+            doc_of_token = np.repeat(np.arange(next_doc, next_doc + count), np.diff(docs.doc_offsets))
+            next_doc += count
+            stream = self._append(carry, docs, doc_of_token)
+            full = (len(stream.docs.tokens) - 1) // self.seq_len if len(stream.docs.tokens) else 0
+            starts = np.arange(full, dtype=np.int64) * self.seq_len
+            for start in starts:
+                if (row % rows_per_batch) - own_start in range(self.micro_batch_size):
+                    pending.append(start)
+                row += 1
+                if row % rows_per_batch == 0:
+                    if batch_index >= skip_batches:
+                        yield self._batch(stream, pending)
+                    pending, batch_index = [], batch_index + 1
+            cut = full * self.seq_len
+            carry = self._slice(stream, cut)
+            # rows of the unfinished batch refer to this window's stream: materialise them now
+            pending = [p if isinstance(p, dict) else self._materialize(stream, [p]) for p in pending]
+        # the rest of the epoch: one padded row from the carry, then pad the last batch
+        if len(carry.docs.tokens) > 1:
+            padded = self._append(carry, _pad_docs(self.seq_len + 1 - len(carry.docs.tokens)), None)
+            if (row % rows_per_batch) - own_start in range(self.micro_batch_size):
+                pending.append(self._materialize(padded, [0]))
+            row += 1
+            if row % rows_per_batch == 0:
+                if batch_index >= skip_batches:
+                    yield self._batch(None, pending)
+                pending, batch_index = [], batch_index + 1
+        if row % rows_per_batch and batch_index >= skip_batches:
+            yield self._batch(None, pending)
+
+    @staticmethod
+    def _append(carry: _Stream, docs: _Docs, doc_of_token: np.ndarray | None) -> _Stream:
+        if doc_of_token is None:
+            doc_of_token = np.full(len(docs.tokens), -1, np.int64)
+        with_logits = carry.docs.logits is not None or docs.logits is not None
+        if with_logits:
+            for d in (carry.docs, docs):
+                if d.logits is None:
+                    d.logits = np.full(len(d.ids), np.nan, np.float32)
+        joined = _Docs.concat([carry.docs, docs], with_logits)
+        return _Stream(joined, np.concatenate([carry.doc_of_token, doc_of_token]))
+
+    @staticmethod
+    def _slice(stream: _Stream, start: int) -> _Stream:
+        d = stream.docs
+        e0 = int(d.entry_offsets[start])
+        docs = _Docs(
+            np.array([0, len(d.tokens) - start]),
+            d.tokens[start:],
+            d.entry_offsets[start:] - e0,
+            d.ids[e0:],
+            d.logprobs[e0:],
+            None if d.logits is None else d.logits[e0:],
+        )
+        return _Stream(docs, stream.doc_of_token[start:])
+
+    def _materialize(self, stream: _Stream, starts: list[int]) -> dict[str, np.ndarray]:
+        """Rows starting at ``starts`` of the stream as numpy arrays [R, S(, K)]."""
+        S, K = self.seq_len, self.k
+        index = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(S + 1)[None, :]
+        d = stream.docs
+        tokens, doc = d.tokens[index], stream.doc_of_token[index]
+        doc_in, doc_label = doc[:, :-1], doc[:, 1:]
+        loss = (doc_in == doc_label) & (doc_label >= 0)
+        label_pos = index[:, 1:]
+        k = np.minimum(np.diff(d.entry_offsets)[label_pos], K)
+        column = np.arange(K)
+        present = column[None, None, :] < k[..., None]
+        entry = d.entry_offsets[label_pos][..., None] + column[None, None, :]
+        entry = np.where(present, entry, 0)
+        safe = len(d.ids) > 0
+        ids = np.where(present, d.ids[entry] if safe else 0, -1)
+        logprobs = np.where(present, d.logprobs[entry] if safe else 0, -np.inf).astype(np.float32)
+        starts_flag = np.ones_like(doc_in, dtype=bool)
+        starts_flag[:, 1:] = doc_in[:, 1:] != doc_in[:, :-1]
+        column_s = np.broadcast_to(np.arange(S), doc_in.shape)
+        segment_start = np.maximum.accumulate(np.where(starts_flag, column_s, 0), axis=1)
+        pad = doc_in < 0
+        out = {
+            "tokens": np.where(pad, self.pad_id, tokens[:, :-1]),
+            "labels": np.where(doc_label < 0, self.pad_id, tokens[:, 1:]),
+            "loss_mask": loss.astype(np.float32),
+            "soft_mask": loss & (k > 0),
+            "topk_ids": np.where(loss[..., None], ids, -1),
+            "topk_logprobs": np.where(loss[..., None], logprobs, -np.inf).astype(np.float32),
+            "position_ids": np.where(pad, 0, column_s - segment_start),
+            "doc_ids": np.where(pad, -1, np.cumsum(starts_flag, axis=1) - 1),
+        }
+        if self.with_logits:
+            logits = np.where(present, d.logits[entry] if safe and d.logits is not None else np.nan, np.nan)
+            out["topk_logits"] = np.where(loss[..., None], logits, np.nan).astype(np.float32)
+        return out
+
+    def _batch(self, stream: _Stream | None, pending: list) -> dict[str, torch.Tensor]:
+        """Stack the rank's pending rows (starts in ``stream`` or already materialised) and pad to B rows."""
+        starts = [p for p in pending if not isinstance(p, dict)]
+        parts = [p for p in pending if isinstance(p, dict)]
+        if starts:
+            parts.append(self._materialize(stream, starts))
+        missing = self.micro_batch_size - sum(len(p["tokens"]) for p in parts)
+        if missing > 0:
+            parts.append(self._empty_rows(missing))
+        batch = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        return {
+            key: torch.from_numpy(np.ascontiguousarray(value.astype(_DTYPES[key], copy=False)))
+            for key, value in batch.items()
+        }
+
+    def _empty_rows(self, n: int) -> dict[str, np.ndarray]:
+        S, K = self.seq_len, self.k
+        out = {
+            "tokens": np.full((n, S), self.pad_id, np.int64),
+            "labels": np.full((n, S), self.pad_id, np.int64),
+            "loss_mask": np.zeros((n, S), np.float32),
+            "soft_mask": np.zeros((n, S), bool),
+            "topk_ids": np.full((n, S, K), -1, np.int64),
+            "topk_logprobs": np.full((n, S, K), -np.inf, np.float32),
+            "position_ids": np.zeros((n, S), np.int64),
+            "doc_ids": np.full((n, S), -1, np.int64),
+        }
+        if self.with_logits:
+            out["topk_logits"] = np.full((n, S, K), np.nan, np.float32)
+        return out
+
+
+_DTYPES = {
+    "tokens": np.int64,
+    "labels": np.int64,
+    "loss_mask": np.float32,
+    "soft_mask": np.bool_,
+    "topk_ids": np.int64,
+    "topk_logprobs": np.float32,
+    "position_ids": np.int64,
+    "doc_ids": np.int64,
+    "topk_logits": np.float32,
+}

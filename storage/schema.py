@@ -1,0 +1,404 @@
+"""The Arrow schema of a shard and the conversion ``TopKRecord``s <-> one self-contained Arrow table.
+
+One row per sample. Ids on disk are *shard ranks*: teacher ids renumbered by decreasing frequency within the
+shard (0 = most frequent), so the numbers zstd sees are small. The shard's vocabulary table, in rank order
+(teacher id and token bytes of every rank), travels in the Parquet key-value metadata (``distill.vocab``,
+zstd-compressed), so a shard is readable alone and concurrent collectors never need to agree on ids.
+
+Per row (``n`` positions, ``E`` = Σ k top-k entries):
+
+=================  ==================  ===================================================================
+column             type                meaning
+=================  ==================  ===================================================================
+token_rank         list<uint8> [n]     rank of the actual token within its position's top-k; 255: not there
+token_other        list<int32>         shard ranks of the actual tokens with ``token_rank == 255``, in order
+topk_k             list<uint16> [n]    entries per position (0 where the teacher gave none)
+topk_ids           list<int32> [E]     shard ranks, sorted by decreasing logprob within a position
+topk_logprobs      list<...> [E]       q16: uint16 code deltas (see ``storage.codec``); f16/f32: values
+topk_tail          list<uint16> [n]    q16 only: code of the residual mass ``1 − Σ p``
+topk_logits        list<float32> [E]   raw teacher logits, null when the teacher gave none
+=================  ==================  ===================================================================
+
+plus the request metadata (sample_id, split, teacher, mode, prompt, text, params as JSON, created_at, usage,
+finish_reason). Integer list columns use Parquet's BYTE_STREAM_SPLIT encoding, so zstd sees each byte plane of
+the numbers as its own stream (high bytes are nearly all zero).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from storage.codec import (
+    Q16Params,
+    concat_ranges,
+    decode_logprobs,
+    encode_logprobs,
+    frequency_ranks,
+    segment_starts,
+    sort_positions,
+)
+from storage.records import TeacherVocab, TopKRecord
+
+FORMAT_VERSION = "1"
+NOT_IN_TOPK = 255
+META_FORMAT = b"distill.format"
+META_CODEC = b"distill.logprob_codec"
+META_CODEC_PARAMS = b"distill.codec_params"
+META_VOCAB = b"distill.vocab"
+META_MAX_K = b"distill.max_k"
+META_HAS_LOGITS = b"distill.has_logits"
+
+_LOGPROB_TYPES = {"q16": pa.uint16(), "f16": pa.float16(), "f32": pa.float32()}
+_METADATA_FIELDS = [
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("teacher", pa.string(), nullable=False),
+    pa.field("mode", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("params", pa.string(), nullable=False),
+    pa.field("created_at", pa.float64(), nullable=False),
+    pa.field("prompt_tokens", pa.int32(), nullable=False),
+    pa.field("completion_tokens", pa.int32(), nullable=False),
+    pa.field("finish_reason", pa.string()),
+]
+METADATA_COLUMNS = [f.name for f in _METADATA_FIELDS]
+BYTE_SPLIT_COLUMNS = ["token_other", "topk_k", "topk_ids", "topk_logprobs", "topk_tail"]
+
+
+class ShardError(ValueError):
+    """A shard file that cannot be used; the message names the file and what is wrong."""
+
+
+def shard_schema(codec: str) -> pa.Schema:
+    if codec not in _LOGPROB_TYPES:
+        raise ValueError(f"unknown logprob codec {codec!r} (expected one of {sorted(_LOGPROB_TYPES)})")
+    fields = [
+        *_METADATA_FIELDS,
+        pa.field("token_rank", pa.list_(pa.uint8()), nullable=False),
+        pa.field("token_other", pa.list_(pa.int32()), nullable=False),
+        pa.field("topk_k", pa.list_(pa.uint16()), nullable=False),
+        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
+        pa.field("topk_logprobs", pa.list_(_LOGPROB_TYPES[codec]), nullable=False),
+    ]
+    if codec == "q16":
+        fields.append(pa.field("topk_tail", pa.list_(pa.uint16()), nullable=False))
+    fields.append(pa.field("topk_logits", pa.list_(pa.float32())))
+    return pa.schema(fields)
+
+
+def encode_vocab(teacher_ids: np.ndarray, token_bytes: list[bytes]) -> bytes:
+    """``[n][ids int32 × n][lengths uint32 × n][bytes…]``, zstd-compressed."""
+    lengths = np.fromiter((len(b) for b in token_bytes), dtype=np.uint32, count=len(token_bytes))
+    raw = b"".join(
+        [
+            struct.pack("<I", len(token_bytes)),
+            teacher_ids.astype("<i4").tobytes(),
+            lengths.astype("<u4").tobytes(),
+            *token_bytes,
+        ]
+    )
+    return pa.Codec("zstd", 19).compress(raw, asbytes=True)
+
+
+def decode_vocab(blob: bytes, source: str) -> tuple[np.ndarray, list[bytes]]:
+    try:
+        raw = pa.Codec("zstd").decompress(blob, decompressed_size=None, asbytes=True)
+    except Exception:  # pyarrow needs the size for some codecs; fall back to a streaming read
+        raw = pa.input_stream(pa.py_buffer(blob), compression="zstd").read()
+    try:
+        (n,) = struct.unpack_from("<I", raw, 0)
+        ids = np.frombuffer(raw, dtype="<i4", count=n, offset=4).astype(np.int64)
+        lengths = np.frombuffer(raw, dtype="<u4", count=n, offset=4 + 4 * n).astype(np.int64)
+        ends = 4 + 8 * n + np.cumsum(lengths)
+        if n and ends[-1] != len(raw):
+            raise ValueError("length mismatch")
+    except (struct.error, ValueError) as exc:
+        raise ShardError(f"{source}: vocabulary table in the metadata is damaged ({exc})") from None
+    starts = ends - lengths
+    return ids, [raw[s:e] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
+
+
+def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    offsets = segment_starts(lengths)
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError("shard too large for 32-bit list offsets; lower storage.shard_max_records")
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, type=value_type))
+
+
+@dataclass
+class _Flat:
+    """All positions of a batch of records, flattened (entries sorted per position)."""
+
+    tokens: np.ndarray  # teacher ids [P]
+    k: np.ndarray  # [P]
+    ids: np.ndarray  # teacher ids [E]
+    logprobs: np.ndarray  # [E]
+    logits: np.ndarray  # [E] (NaN where a record has none)
+    positions_per_row: np.ndarray  # [R]
+
+
+def _flatten(records: list[TopKRecord]) -> _Flat:
+    width = max((r.topk_ids.shape[1] for r in records), default=0)
+    n = np.array([len(r.tokens) for r in records], dtype=np.int64)
+    total = int(n.sum())
+    ids = np.full((total, width), -1, dtype=np.int64)
+    logprobs = np.full((total, width), -np.inf, dtype=np.float32)
+    logits = np.full((total, width), np.nan, dtype=np.float32)
+    tokens = np.empty(total, dtype=np.int64)
+    start = 0
+    for r, count in zip(records, n.tolist(), strict=True):
+        kr = r.topk_ids.shape[1]
+        tokens[start : start + count] = r.tokens
+        ids[start : start + count, :kr] = r.topk_ids
+        logprobs[start : start + count, :kr] = r.topk_logprobs
+        if r.topk_logits is not None:
+            if r.topk_logits.shape != r.topk_ids.shape:
+                raise ValueError(f"sample {r.sample_id}: topk_logits shape {r.topk_logits.shape} != topk_ids")
+            logits[start : start + count, :kr] = r.topk_logits
+        start += count
+    ids, logprobs, logits, k = sort_positions(ids, logprobs, logits)
+    valid = np.arange(width)[None, :] < k[:, None]
+    return _Flat(tokens, k, ids[valid], logprobs[valid], logits[valid], n)
+
+
+def records_to_table(
+    records: list[TopKRecord], vocab: TeacherVocab, codec: str, params: Q16Params
+) -> pa.Table:
+    """Encode records into one shard table (schema ``shard_schema(codec)``) with its vocab in the metadata."""
+    flat = _flatten(records)
+    if flat.k.size and flat.k.max() > np.iinfo(np.uint16).max:
+        raise ValueError(f"top-k of {flat.k.max()} entries per position is more than a shard stores")
+    vocab_ids, ranks = frequency_ranks(np.concatenate([flat.tokens, flat.ids]))
+    try:
+        token_bytes = [vocab.bytes_of(int(t)) for t in vocab_ids]
+    except KeyError as exc:
+        bad = exc.args[0]
+        owner = next(r.sample_id for r in records if bad in r.tokens or (r.topk_ids == bad).any())
+        raise ValueError(f"sample {owner}: teacher id {bad} is not in the teacher vocabulary") from None
+    token_ranks, entry_ranks = ranks[: len(flat.tokens)], ranks[len(flat.tokens) :]
+
+    starts = segment_starts(flat.k)
+    width = int(flat.k.max()) if flat.k.size else 0
+    in_topk = np.full(len(flat.tokens), NOT_IN_TOPK, dtype=np.uint8)
+    if width:
+        column = np.arange(min(width, NOT_IN_TOPK))
+        gather = np.minimum(starts[:-1, None] + column[None, :], max(len(entry_ranks) - 1, 0))
+        match = (entry_ranks[gather] == token_ranks[:, None]) & (column[None, :] < flat.k[:, None])
+        found = match.any(axis=1)
+        in_topk[found] = match.argmax(axis=1)[found]
+    other = in_topk == NOT_IN_TOPK
+
+    n_rows = flat.positions_per_row
+    row_of_position = np.repeat(np.arange(len(records)), n_rows)
+    entries_per_row = np.bincount(row_of_position, weights=flat.k, minlength=len(records)).astype(np.int64)
+    other_per_row = np.bincount(row_of_position[other], minlength=len(records))
+    values, tail = encode_logprobs(codec, flat.logprobs, flat.k, params)
+
+    has_logits = np.array([r.topk_logits is not None for r in records])
+    logits = _list_array(flat.logits, entries_per_row, pa.float32())
+    if not has_logits.all():
+        logits = pa.ListArray.from_arrays(logits.offsets, logits.values, mask=pa.array(~has_logits))
+
+    columns: dict[str, pa.Array] = {
+        "sample_id": pa.array([r.sample_id for r in records], pa.string()),
+        "split": pa.array([r.split for r in records], pa.string()),
+        "teacher": pa.array([r.teacher for r in records], pa.string()),
+        "mode": pa.array([r.mode for r in records], pa.string()),
+        "prompt": pa.array([r.prompt for r in records], pa.string()),
+        "text": pa.array([r.text for r in records], pa.string()),
+        "params": pa.array([json.dumps(r.params, sort_keys=True) for r in records], pa.string()),
+        "created_at": pa.array([float(r.created_at) for r in records], pa.float64()),
+        "prompt_tokens": pa.array([int(r.prompt_tokens) for r in records], pa.int32()),
+        "completion_tokens": pa.array([int(r.completion_tokens) for r in records], pa.int32()),
+        "finish_reason": pa.array([r.finish_reason for r in records], pa.string()),
+        "token_rank": _list_array(in_topk, n_rows, pa.uint8()),
+        "token_other": _list_array(token_ranks[other].astype(np.int32), other_per_row, pa.int32()),
+        "topk_k": _list_array(flat.k.astype(np.uint16), n_rows, pa.uint16()),
+        "topk_ids": _list_array(entry_ranks.astype(np.int32), entries_per_row, pa.int32()),
+        "topk_logprobs": _list_array(values, entries_per_row, _LOGPROB_TYPES[codec]),
+    }
+    if tail is not None:
+        columns["topk_tail"] = _list_array(tail, n_rows, pa.uint16())
+    columns["topk_logits"] = logits
+    metadata = {
+        META_FORMAT: FORMAT_VERSION.encode(),
+        META_CODEC: codec.encode(),
+        META_CODEC_PARAMS: json.dumps(params.to_dict()).encode(),
+        META_VOCAB: encode_vocab(vocab_ids, token_bytes),
+        META_MAX_K: str(width).encode(),
+        META_HAS_LOGITS: b"1" if has_logits.any() else b"0",
+    }
+    return pa.Table.from_pydict(columns, schema=shard_schema(codec).with_metadata(metadata))
+
+
+@dataclass
+class ShardArrays:
+    """A decoded shard as flat numpy arrays (what the reader consumes); ids are shard ranks.
+
+    ``row_offsets[r]:row_offsets[r+1]`` are row ``r``'s positions; ``entry_offsets[p]:entry_offsets[p+1]`` are
+    position ``p``'s top-k entries. ``vocab_bytes[rank]`` / ``vocab_ids[rank]`` give each rank's token bytes and
+    teacher id.
+    """
+
+    table: pa.Table  # the metadata columns
+    row_offsets: np.ndarray
+    tokens: np.ndarray
+    entry_offsets: np.ndarray
+    topk_ids: np.ndarray
+    topk_logprobs: np.ndarray
+    topk_logits: np.ndarray | None  # NaN for rows without logits; None when no row has any
+    vocab_ids: np.ndarray
+    vocab_bytes: list[bytes]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_offsets) - 1
+
+    @property
+    def k(self) -> np.ndarray:
+        return np.diff(self.entry_offsets)
+
+
+def _flat_values(column: pa.ChunkedArray | pa.Array, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(values, row offsets) of a list column, zero-copy where Arrow allows."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    values = array.values.to_numpy(zero_copy_only=False)
+    values = values[offsets[0] : offsets[-1]].astype(dtype, copy=False)
+    return values, offsets - offsets[0]
+
+
+def codec_of(schema: pa.Schema, source: str) -> tuple[str, Q16Params]:
+    metadata = schema.metadata or {}
+    if META_CODEC not in metadata or META_VOCAB not in metadata:
+        raise ShardError(f"{source}: not a distill shard (no {META_CODEC.decode()} / vocab metadata)")
+    version = metadata.get(META_FORMAT, b"?").decode()
+    if version != FORMAT_VERSION:
+        raise ShardError(f"{source}: shard format {version!r}, this version reads {FORMAT_VERSION!r}")
+    codec = metadata[META_CODEC].decode()
+    if codec not in _LOGPROB_TYPES:
+        raise ShardError(f"{source}: unknown logprob codec {codec!r}")
+    params = Q16Params(**json.loads(metadata.get(META_CODEC_PARAMS, b"{}")))
+    return codec, params
+
+
+def check_schema(schema: pa.Schema, source: str) -> str:
+    """Raise ``ShardError`` naming the file and the first differing column unless ``schema`` is a shard's."""
+    codec, _ = codec_of(schema, source)
+    expected = shard_schema(codec)
+    for field in expected:
+        index = schema.get_field_index(field.name)
+        if index < 0:
+            raise ShardError(f"{source}: schema mismatch: column {field.name!r} is missing")
+        got = schema.field(index).type
+        if not got.equals(field.type):
+            raise ShardError(
+                f"{source}: schema mismatch: column {field.name!r} has type {got}, expected {field.type}"
+            )
+    extra = set(schema.names) - set(expected.names)
+    if extra:
+        raise ShardError(f"{source}: schema mismatch: unexpected columns {sorted(extra)}")
+    return codec
+
+
+def _decode_logits(column: pa.ListArray, row_entry_offsets: np.ndarray, source: str) -> np.ndarray | None:
+    """Flat logits aligned with the top-k entries (NaN for rows without), or None when no row has any."""
+    if column.null_count == len(column):
+        return None
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    offsets = column.offsets.to_numpy().astype(np.int64)
+    lengths = np.diff(offsets)[valid]
+    expected = np.diff(row_entry_offsets)[valid]
+    if not np.array_equal(lengths, expected):
+        raise ShardError(f"{source}: topk_logits do not match topk_k (damaged shard)")
+    logits = np.full(int(row_entry_offsets[-1]), np.nan, dtype=np.float32)
+    values = column.values.to_numpy(zero_copy_only=False)
+    logits[concat_ranges(row_entry_offsets[:-1][valid], lengths)] = values[
+        concat_ranges(offsets[:-1][valid], lengths)
+    ]
+    return logits
+
+
+def table_to_arrays(table: pa.Table, source: str) -> ShardArrays:
+    """Decode a shard table (already schema-checked) into flat arrays; ids stay shard ranks."""
+    codec, params = codec_of(table.schema, source)
+    vocab_ids, vocab_bytes = decode_vocab(table.schema.metadata[META_VOCAB], source)
+    k, row_offsets = _flat_values(table.column("topk_k"), np.int64)
+    entry_offsets = segment_starts(k)
+    topk_ids, _ = _flat_values(table.column("topk_ids"), np.int64)
+    values, _ = _flat_values(table.column("topk_logprobs"), None)
+    tail = _flat_values(table.column("topk_tail"), np.int64)[0] if codec == "q16" else None
+    if len(topk_ids) != entry_offsets[-1] or len(values) != entry_offsets[-1]:
+        raise ShardError(f"{source}: top-k columns disagree with topk_k (damaged shard)")
+    logprobs = decode_logprobs(codec, values, tail, k, params)
+
+    token_rank, _ = _flat_values(table.column("token_rank"), np.int64)
+    other, _ = _flat_values(table.column("token_other"), np.int64)
+    in_topk = token_rank != NOT_IN_TOPK
+    tokens = np.empty(len(token_rank), dtype=np.int64)
+    tokens[in_topk] = topk_ids[entry_offsets[:-1][in_topk] + token_rank[in_topk]]
+    if int((~in_topk).sum()) != len(other):
+        raise ShardError(f"{source}: token_other does not match token_rank (damaged shard)")
+    tokens[~in_topk] = other
+    if tokens.size and (tokens.max() >= len(vocab_ids) or topk_ids.max(initial=0) >= len(vocab_ids)):
+        raise ShardError(f"{source}: ids beyond the shard's vocabulary table (damaged shard)")
+
+    logits = _decode_logits(table.column("topk_logits").combine_chunks(), entry_offsets[row_offsets], source)
+    return ShardArrays(
+        table=table.select(METADATA_COLUMNS),
+        row_offsets=row_offsets,
+        tokens=tokens,
+        entry_offsets=entry_offsets,
+        topk_ids=topk_ids,
+        topk_logprobs=logprobs,
+        topk_logits=logits,
+        vocab_ids=vocab_ids,
+        vocab_bytes=vocab_bytes,
+    )
+
+
+def arrays_to_records(arrays: ShardArrays) -> list[TopKRecord]:
+    """Rebuild ``TopKRecord``s (teacher ids, padded to each record's max k) from decoded shard arrays."""
+    meta = arrays.table.to_pylist()
+    k = arrays.k
+    records = []
+    for row, m in enumerate(meta):
+        p0, p1 = int(arrays.row_offsets[row]), int(arrays.row_offsets[row + 1])
+        kr = k[p0:p1]
+        width = int(kr.max()) if len(kr) else 0
+        valid = np.arange(width)[None, :] < kr[:, None]
+        e0, e1 = int(arrays.entry_offsets[p0]), int(arrays.entry_offsets[p1])
+        ids = np.full((p1 - p0, width), -1, dtype=np.int32)
+        ids[valid] = arrays.vocab_ids[arrays.topk_ids[e0:e1]]
+        logprobs = np.full((p1 - p0, width), -np.inf, dtype=np.float32)
+        logprobs[valid] = arrays.topk_logprobs[e0:e1]
+        logits = None
+        if arrays.topk_logits is not None and not np.isnan(arrays.topk_logits[e0:e1]).all():
+            logits = np.full((p1 - p0, width), np.nan, dtype=np.float32)
+            logits[valid] = arrays.topk_logits[e0:e1]
+        records.append(
+            TopKRecord(
+                sample_id=m["sample_id"],
+                split=m["split"],
+                teacher=m["teacher"],
+                mode=m["mode"],
+                prompt=m["prompt"],
+                text=m["text"],
+                tokens=arrays.vocab_ids[arrays.tokens[p0:p1]].astype(np.int32),
+                topk_ids=ids,
+                topk_logprobs=logprobs,
+                params=json.loads(m["params"]),
+                created_at=m["created_at"],
+                prompt_tokens=m["prompt_tokens"],
+                completion_tokens=m["completion_tokens"],
+                finish_reason=m["finish_reason"],
+                topk_logits=logits,
+            )
+        )
+    return records

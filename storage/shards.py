@@ -1,0 +1,225 @@
+"""Atomic shard files: ``ShardWriter`` (buffer → ``<uuid>.parquet.tmp`` → fsync → rename → catalog) and readers.
+
+A crash loses at most the shard in flight: a ``.tmp`` file is never read, and a renamed shard is complete. When
+the writer owns a ``Catalog`` it registers each shard after its rename, in one transaction; a shard renamed just
+before a crash is picked up by the catalog's ``sync()`` the next time it is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from storage.codec import Q16Params
+from storage.records import TeacherVocab, TopKRecord
+from storage.schema import (
+    BYTE_SPLIT_COLUMNS,
+    METADATA_COLUMNS,
+    ShardArrays,
+    ShardError,
+    arrays_to_records,
+    check_schema,
+    records_to_table,
+    table_to_arrays,
+)
+from storage.settings import StorageSettings
+
+if TYPE_CHECKING:
+    from storage.catalog import Catalog
+
+log = logging.getLogger(__name__)
+
+SHARD_DIR = "shards"
+SHARD_SUFFIX = ".parquet"
+TMP_SUFFIX = ".parquet.tmp"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What the catalog knows about one complete shard file."""
+
+    name: str  # file name inside <data_dir>/shards
+    bytes: int
+    sha256: str
+    rows: int
+    tokens: int
+    codec: str
+
+
+def shard_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / SHARD_DIR
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_table(table: pa.Table, path: Path, settings: StorageSettings) -> None:
+    """Write one shard table to ``path`` with the encodings the format relies on (BYTE_STREAM_SPLIT ints)."""
+    compression = None if settings.compression == "none" else settings.compression
+    present = set(table.column_names)
+    pq.write_table(
+        table,
+        path,
+        compression=compression,
+        compression_level=settings.compression_level if compression == "zstd" else None,
+        use_dictionary=[c for c in ("split", "teacher", "mode", "params", "finish_reason") if c in present],
+        use_byte_stream_split=[f"{c}.list.element" for c in BYTE_SPLIT_COLUMNS if c in present],
+        write_statistics=False,
+    )
+
+
+def write_shard(table: pa.Table, data_dir: Path, settings: StorageSettings) -> ShardInfo:
+    """Write ``table`` to a temporary name, fsync, rename to ``shards/<uuid>.parquet``; returns its info."""
+    directory = shard_dir(data_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"{uuid.uuid4().hex}{SHARD_SUFFIX}"
+    tmp = directory / (name[: -len(SHARD_SUFFIX)] + TMP_SUFFIX)
+    try:
+        write_table(table, tmp, settings)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = file_sha256(tmp)
+        os.replace(tmp, directory / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(directory)
+    codec = table.schema.metadata[b"distill.logprob_codec"].decode()
+    tokens = int(pc.sum(pc.list_value_length(table.column("topk_k"))).as_py() or 0)
+    return ShardInfo(name, (directory / name).stat().st_size, digest, table.num_rows, tokens, codec)
+
+
+def open_shard(path: Path) -> pq.ParquetFile:
+    """Open a shard file, with an error naming it when it is missing, not Parquet, or not a shard."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: shard file is missing")
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise ShardError(f"{path}: not a readable Parquet file (corrupt or truncated): {exc}") from None
+    check_schema(parquet.schema_arrow, str(path))
+    return parquet
+
+
+def read_shard_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    parquet = open_shard(path)
+    try:
+        return parquet.read(columns=columns)
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise ShardError(f"{path}: cannot decode the Parquet data (corrupt shard): {exc}") from None
+
+
+def read_shard_arrays(path: Path, rows: np.ndarray | None = None) -> ShardArrays:
+    """Decode a shard (optionally only some rows, in the given order) into flat arrays of shard ranks."""
+    table = read_shard_table(path)
+    if rows is not None:
+        table = table.take(pa.array(np.asarray(rows, dtype=np.int64)))
+    try:
+        return table_to_arrays(table, str(path))
+    except (pa.ArrowInvalid, ValueError, IndexError) as exc:
+        if isinstance(exc, ShardError):
+            raise
+        raise ShardError(f"{path}: damaged shard: {exc}") from None
+
+
+def read_records(path: Path) -> list[TopKRecord]:
+    """The records of one shard, with teacher ids (the inverse of ``ShardWriter``, up to the codec's error)."""
+    return arrays_to_records(read_shard_arrays(path))
+
+
+def index_rows(table: pa.Table) -> pa.Table:
+    """Per-row facts the catalog keeps: the metadata columns plus token and soft-target counts."""
+    k = table.column("topk_k").combine_chunks()
+    lengths = pc.list_value_length(k).to_numpy(zero_copy_only=False).astype(np.int64)
+    nonzero = (k.values.to_numpy(zero_copy_only=False) > 0).astype(np.int64)
+    offsets = k.offsets.to_numpy().astype(np.int64)
+    cumulative = np.concatenate([[0], np.cumsum(nonzero)])
+    soft = cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+    columns = [c for c in METADATA_COLUMNS if c not in ("prompt", "text")]
+    return (
+        table.select(columns)
+        .append_column("n_tokens", pa.array(lengths))
+        .append_column("n_soft", pa.array(soft))
+    )
+
+
+class ShardWriter:
+    """Buffers records and writes a shard every ``settings.shard_max_records`` (and on ``close``).
+
+    Usable as the collector's sink: ``writer(records, vocab)``. With a ``catalog`` each shard is registered right
+    after its rename; without one (a collector beside the catalog's owner) the owner picks shards up by
+    ``Catalog.sync()`` / ``reindex()``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        settings: StorageSettings | None = None,
+        catalog: Catalog | None = None,
+        codec_params: Q16Params | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.settings = settings or StorageSettings(data_dir=self.data_dir)
+        self.catalog = catalog
+        self.codec_params = codec_params or Q16Params()
+        self.written: list[ShardInfo] = []
+        self._buffer: list[TopKRecord] = []
+        self._vocab: TeacherVocab | None = None
+
+    def add(self, records: Iterable[TopKRecord], vocab: TeacherVocab) -> None:
+        if self._vocab is not None and vocab is not self._vocab and self._buffer:
+            self.flush()  # ids of buffered records belong to the previous vocabulary
+        self._vocab = vocab
+        for record in records:
+            self._buffer.append(record)
+            if len(self._buffer) >= self.settings.shard_max_records:
+                self.flush()
+
+    __call__ = add
+
+    def flush(self) -> ShardInfo | None:
+        if not self._buffer:
+            return None
+        assert self._vocab is not None
+        table = records_to_table(self._buffer, self._vocab, self.settings.logprob_codec, self.codec_params)
+        info = write_shard(table, self.data_dir, self.settings)
+        if self.catalog is not None:
+            self.catalog.register(info, index_rows(table))
+        log.debug("wrote shard %s: %d records, %d bytes", info.name, info.rows, info.bytes)
+        self.written.append(info)
+        self._buffer = []
+        return info
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,171 @@
+"""Snapshots: a named, immutable selection of records, written as a JSON manifest.
+
+The manifest lists each shard (file name, size, sha256) with the row ranges selected in it, plus the selection
+that produced it. Its ``content_hash`` covers the selection and the exact shard contents but not the name, the
+time or the folder, so later stages use it as their cache key: same data, same hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from storage.catalog import Catalog
+from storage.shards import shard_dir
+
+SNAPSHOT_DIR = "snapshots"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ShardSelection:
+    path: Path
+    bytes: int
+    sha256: str
+    rows: np.ndarray  # int64 row indices, ascending
+
+    def check(self) -> None:
+        """Fail, naming the file, if the shard is gone or is not the file the snapshot was made from."""
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: shard file of the snapshot is missing")
+        size = self.path.stat().st_size
+        if size != self.bytes:
+            raise ValueError(
+                f"{self.path}: shard changed since the snapshot ({size} bytes, expected {self.bytes})"
+            )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    name: str
+    path: Path
+    content_hash: str
+    selection: dict[str, Any]
+    shards: list[ShardSelection]
+    samples: int
+    tokens: int
+
+
+def _ranges(rows: list[int]) -> list[list[int]]:
+    """Ascending row indices as ``[start, stop)`` runs (compact in JSON)."""
+    runs = []
+    for _, group in groupby(enumerate(rows), key=lambda pair: pair[1] - pair[0]):
+        items = [row for _, row in group]
+        runs.append([items[0], items[-1] + 1])
+    return runs
+
+
+def _expand(runs: list[list[int]]) -> np.ndarray:
+    if not runs:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.arange(start, stop, dtype=np.int64) for start, stop in runs])
+
+
+def _content_hash(selection: dict[str, Any], shards: list[dict[str, Any]]) -> str:
+    payload = {"version": MANIFEST_VERSION, "selection": selection, "shards": shards}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def create_snapshot(
+    catalog: Catalog,
+    name: str,
+    splits: list[str] | None = None,
+    teacher: str | None = None,
+    mode: str | None = None,
+    params: dict[str, Any] | None = None,
+    max_samples: int | None = None,
+) -> Snapshot:
+    """Freeze the records matching the filters as ``<data_dir>/snapshots/<name>.json``.
+
+    Snapshots are immutable: asking again for an existing name returns it if its content is the same and fails
+    otherwise. Every selected shard is checked to be present first.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"snapshot name {name!r}: use a plain file name")
+    selection = {
+        "splits": splits,
+        "teacher": teacher,
+        "mode": mode,
+        "params": params,
+        "max_samples": max_samples,
+    }
+    rows = catalog.select(splits=splits, teacher=teacher, mode=mode, params=params, max_samples=max_samples)
+    shards, samples, tokens = [], 0, 0
+    directory = shard_dir(catalog.data_dir)
+    for shard, group in groupby(rows, key=lambda row: row[0]):
+        indices = [row for _, row, _ in group]
+        info = catalog.shard_info(shard)
+        ShardSelection(directory / shard, info.bytes, info.sha256, np.zeros(0)).check()
+        shards.append({"name": shard, "bytes": info.bytes, "sha256": info.sha256, "rows": _ranges(indices)})
+        samples += len(indices)
+    if rows:
+        (tokens,) = catalog.con.execute(
+            "SELECT coalesce(sum(n_tokens), 0) FROM unique_records WHERE sample_id IN (SELECT unnest(?))",
+            [[sid for _, _, sid in rows]],
+        ).fetchone()
+    content_hash = _content_hash(selection, shards)
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "name": name,
+        "content_hash": content_hash,
+        "created_at": time.time(),
+        "data_dir": str(catalog.data_dir.resolve()),
+        "selection": selection,
+        "samples": samples,
+        "tokens": int(tokens),
+        "shards": shards,
+    }
+    path = catalog.data_dir / SNAPSHOT_DIR / f"{name}.json"
+    if path.exists():
+        existing = load_snapshot(path)
+        if existing.content_hash != content_hash:
+            raise FileExistsError(
+                f"{path}: snapshot {name!r} exists with other content (snapshots are immutable; pick a new name)"
+            )
+        return existing
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    tmp.replace(path)
+    return load_snapshot(path)
+
+
+def load_snapshot(path: str | Path) -> Snapshot:
+    """Read a manifest; shard paths resolve against its ``data_dir`` (or the folder above ``snapshots/``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: snapshot manifest not found")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        data_dir = Path(manifest["data_dir"])
+        if not (data_dir / "shards").is_dir() and path.parent.name == SNAPSHOT_DIR:
+            data_dir = path.parent.parent  # the data folder was moved with its snapshots
+        shards = [
+            ShardSelection(shard_dir(data_dir) / s["name"], int(s["bytes"]), s["sha256"], _expand(s["rows"]))
+            for s in manifest["shards"]
+        ]
+        snapshot = Snapshot(
+            name=manifest["name"],
+            path=path,
+            content_hash=manifest["content_hash"],
+            selection=manifest["selection"],
+            shards=shards,
+            samples=int(manifest["samples"]),
+            tokens=int(manifest["tokens"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: not a valid snapshot manifest ({type(exc).__name__}: {exc})") from None
+    recomputed = _content_hash(
+        manifest["selection"],
+        [{k: s[k] for k in ("name", "bytes", "sha256", "rows")} for s in manifest["shards"]],
+    )
+    if recomputed != snapshot.content_hash:
+        raise ValueError(f"{path}: manifest content does not match its content_hash (edited by hand?)")
+    return snapshot

@@ -1,0 +1,123 @@
+"""Inference with the student model at any tensor-parallel size: evaluation logits and text generation.
+
+Public API (call after ``student.distributed.init_distributed``; under torchrun every TP rank makes the same
+calls with the same arguments):
+
+- ``InferenceModel.from_checkpoint(directory)``: the model saved by ``student.checkpoint`` at whatever TP size,
+  resharded to the current one, with the tokenizer stored beside it (or ``tokenizer=`` a ``tokenizer.json``).
+- ``InferenceModel.random_init(model_settings, tokenizer, seed)``: a seeded, untrained model (tests and
+  benchmarks serve a real model without training one); the same seed gives the same weights at any TP.
+- ``model.logits(token_lists)``: full-vocabulary logits ``[len_i, V]`` (float32, padding rows of the
+  vocabulary dropped) for a batch of variable-length token lists, run as one right-padded forward.
+- ``model.logits_at(token_lists, positions)``: the same for chosen positions only. Under TP the
+  vocabulary-parallel logits are gathered (megatron's ``gather_from_tensor_model_parallel_region``) for those
+  rows only, so generation gathers one row per sequence and step.
+- ``model.generate(prompts, params)``: greedy / temperature / top-p / seed / stop / max_tokens decoding of
+  ``student.generation`` (no KV cache: each step recomputes the sequence, fine for the small models here).
+- ``model.decoder()``: a ``student.generation.Decoder`` over this model, for callers that batch themselves
+  (the local teacher server).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from student.checkpoint import CheckpointError, load_checkpoint
+from student.distributed import seed_everything
+from student.generation import Completion, Decoder, SamplingParams
+from student.model import build_model, forward_logits
+from student.settings import ModelSettings
+from student.tokenizer import StudentTokenizer
+
+
+@dataclass
+class InferenceModel:
+    model: GPTModel
+    settings: ModelSettings
+    tokenizer: StudentTokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.true_vocab_size)
+
+    @property
+    def max_length(self) -> int:
+        return self.settings.seq_length
+
+    @classmethod
+    def from_checkpoint(cls, directory: str | Path, tokenizer: str | Path | None = None) -> InferenceModel:
+        """The checkpoint's model at the current TP size, with its own tokenizer unless one is given."""
+        directory = Path(directory)
+        path = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{directory}: no tokenizer.json inside; pass the tokenizer explicitly")
+        tok = StudentTokenizer.load(path)
+        seed_everything(0)  # megatron's attention forks the model-parallel RNG tracker even without dropout
+        model, meta = load_checkpoint(directory)
+        if tok.vocab_size != meta["vocab_size"]:
+            raise CheckpointError(
+                f"{path}: tokenizer has {tok.vocab_size} tokens but the checkpoint {directory} was trained "
+                f"with {meta['vocab_size']}"
+            )
+        model.eval()
+        return cls(model, ModelSettings(**meta["model"]), tok)
+
+    @classmethod
+    def random_init(cls, settings: ModelSettings, tokenizer: StudentTokenizer, seed: int) -> InferenceModel:
+        seed_everything(seed)
+        model = build_model(settings, tokenizer.vocab_size)
+        model.eval()
+        return cls(model, settings, tokenizer)
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def logits_at(self, token_lists: list[list[int]], positions: list[list[int]]) -> list[torch.Tensor]:
+        """Full-vocabulary logits ``[len(positions[i]), V]`` at the chosen positions of each token list."""
+        if len(token_lists) != len(positions):
+            raise ValueError(f"{len(token_lists)} token lists but {len(positions)} position lists")
+        lengths = [len(t) for t in token_lists]
+        if min(lengths, default=0) < 1:
+            raise ValueError("every token list must hold at least one token")
+        for row, (n, wanted) in enumerate(zip(lengths, positions, strict=True)):
+            if any(not 0 <= p < n for p in wanted):
+                raise ValueError(f"row {row}: positions {wanted} outside [0, {n})")
+        device = self._device()
+        batch, seq = len(token_lists), max(lengths)
+        tokens = torch.zeros(batch, seq, dtype=torch.long)
+        doc_ids = torch.full((batch, seq), -1, dtype=torch.long)
+        for row, toks in enumerate(token_lists):
+            tokens[row, : len(toks)] = torch.as_tensor(toks, dtype=torch.long)
+            doc_ids[row, : len(toks)] = 0
+        position_ids = torch.arange(seq, dtype=torch.long).expand(batch, seq).contiguous()
+        local = forward_logits(self.model, tokens.to(device), position_ids.to(device), doc_ids.to(device))
+        rows = torch.as_tensor([r for r, wanted in enumerate(positions) for _ in wanted], dtype=torch.long)
+        cols = torch.as_tensor([p for wanted in positions for p in wanted], dtype=torch.long)
+        picked = local[rows.to(device), cols.to(device)].float()
+        full = gather_from_tensor_model_parallel_region(picked)[:, : self.vocab_size].cpu()
+        return list(full.split([len(w) for w in positions]))
+
+    def logits(self, token_lists: list[list[int]]) -> list[torch.Tensor]:
+        """Full-vocabulary logits ``[len_i, V]`` of every position of each token list."""
+        return self.logits_at(token_lists, [list(range(len(t))) for t in token_lists])
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.tokenizer.token_bytes(token_id)
+
+    def decoder(self) -> Decoder:
+        return Decoder(self.logits_at, self.token_bytes)
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
+        for prompt, sp in zip(prompts, params, strict=True):
+            if len(prompt) + sp.max_tokens > self.max_length:
+                raise ValueError(
+                    f"prompt of {len(prompt)} tokens + max_tokens {sp.max_tokens} exceeds the model's "
+                    f"context of {self.max_length} tokens"
+                )
+        return self.decoder().run(prompts, params)

@@ -1,0 +1,22 @@
+"""Vocab-parallel distillation losses over megatron-core tensor-parallel logits; the math is docs/losses.md.
+
+- ``soft_cross_entropy``: soft CE over the teacher's top-k (tails none / renormalize / tail_bucket, temperature);
+- ``hard_cross_entropy``: megatron-core's ``vocab_parallel_cross_entropy`` (the hard baseline);
+- ``logit_mse``: MSE against the teacher's raw top-k logits;
+- ``distillation_loss``: what the training loop calls: the configured loss, masks, α mix, and metrics.
+"""
+
+from student.losses.distill import METRIC_SUMS, distillation_loss
+from student.losses.hard import hard_cross_entropy
+from student.losses.mse import logit_mse
+from student.losses.topk_cross_entropy import TopKOutputs, soft_cross_entropy, topk_cross_entropy
+
+__all__ = [
+    "METRIC_SUMS",
+    "TopKOutputs",
+    "distillation_loss",
+    "hard_cross_entropy",
+    "logit_mse",
+    "soft_cross_entropy",
+    "topk_cross_entropy",
+]

@@ -1,0 +1,155 @@
+"""The training loss: ``distillation_loss(logits, batch, settings)`` (docs/losses.md "The distillation loss")."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from student.losses.hard import hard_cross_entropy
+from student.losses.mse import logit_mse
+from student.losses.targets import masked_logprobs, tempered_targets, valid_entries
+from student.losses.topk_cross_entropy import CHUNK_ELEMENTS, TopKOutputs, topk_cross_entropy
+from student.settings import LossSettings
+
+METRIC_SUMS = ("tokens", "soft_tokens", "hard_ce_sum", "kl_sum", "teacher_entropy_sum", "top1_agree_sum")
+"""Summed numerators and counts in the metrics dict: add them over data-parallel ranks, then divide."""
+
+_REQUIRED = ("labels", "loss_mask", "soft_mask", "topk_ids", "topk_logprobs")
+
+
+def _flat_batch(batch: Mapping[str, torch.Tensor], rows: int, kind: str) -> dict[str, torch.Tensor]:
+    """The batch keys the loss reads (docs/architecture.md), flattened to ``[N]`` / ``[N, K]`` and checked."""
+    missing = [key for key in _REQUIRED if key not in batch]
+    if kind == "mse" and "topk_logits" not in batch:
+        missing.append("topk_logits (kind='mse' needs a teacher that returns raw logits)")
+    if missing:
+        raise KeyError(f"distillation_loss: batch lacks {', '.join(missing)}")
+    flat = {key: batch[key].reshape(-1) for key in ("labels", "loss_mask", "soft_mask")}
+    k = batch["topk_ids"].shape[-1]
+    for key in ("topk_ids", "topk_logprobs", "topk_logits"):
+        if key in batch:
+            flat[key] = batch[key].reshape(-1, k)
+    for key, value in flat.items():
+        if value.shape[0] != rows or value.shape[1:] not in ((), (k,)):
+            raise ValueError(
+                f"distillation_loss: batch[{key!r}] has shape {tuple(batch[key].shape)}; expected the logits' "
+                f"leading dims ({rows} positions) {'' if value.dim() == 1 else f'x K={k} '}"
+            )
+    return flat
+
+
+def _check_unique_ids(topk_ids: torch.Tensor) -> None:
+    ordered = topk_ids.sort(dim=-1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
+    if bool(repeated.any()):
+        row = int(repeated.any(-1).nonzero()[0, 0])
+        raise ValueError(
+            f"distillation_loss: topk_ids repeats an id within position {row} ({topk_ids[row].tolist()}); "
+            "teacher ids mapping to one student id must be merged (log-sum-exp of their log-probs) upstream"
+        )
+
+
+def _teacher_metrics(
+    logits: torch.Tensor, flat: dict[str, torch.Tensor], logp_dtype: torch.dtype
+) -> TopKOutputs:
+    """Metrics only, without gradient and without touching ``logits``: row blocks of float copies."""
+    ids, logprobs, labels = flat["topk_ids"], flat["topk_logprobs"], flat["labels"]
+    zeros_w = torch.zeros(ids.shape, dtype=logp_dtype, device=ids.device)
+    zeros_r = torch.zeros(ids.shape[:1], dtype=logp_dtype, device=ids.device)
+    step = max(1, 4 * CHUNK_ELEMENTS // max(logits.shape[-1], 1))
+    blocks = []
+    with torch.no_grad():
+        for start in range(0, logits.shape[0], step):
+            rows = slice(start, start + step)
+            blocks.append(
+                topk_cross_entropy(
+                    logits[rows], ids[rows], logprobs[rows], zeros_w[rows], zeros_r[rows], labels[rows],
+                    inplace=False,
+                )
+            )  # fmt: skip
+    return TopKOutputs(*(torch.cat(parts) for parts in zip(*blocks, strict=True)))
+
+
+def distillation_loss(
+    logits: torch.Tensor,
+    batch: Mapping[str, torch.Tensor],
+    settings: LossSettings,
+    *,
+    inplace: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean loss over contributing tokens, and metrics, from vocab-parallel logits ``[..., V/TP]``.
+
+    ``batch`` holds the reader's keys (docs/architecture.md): ``labels``, ``loss_mask``, ``soft_mask``,
+    ``topk_ids``, ``topk_logprobs`` and, for ``kind='mse'``, ``topk_logits``, all with the logits' leading dims.
+    Per token (docs/losses.md "The distillation loss"): soft positions (``soft_mask`` and ``loss_mask``) give
+    ``α·τ²·L_soft + (1−α)·CE``; positions with ``loss_mask`` but no teacher give ``CE`` (``no_teacher='hard'``)
+    or nothing (``'mask'``); ``kind='hard'`` gives ``CE`` on every ``loss_mask`` position. The loss is the sum
+    over contributing tokens divided by their number (``metrics['tokens']``); every TP rank returns the same.
+
+    Metrics are detached 0-dim tensors: ``tokens``/``soft_tokens`` counts and the sums of ``METRIC_SUMS``,
+    plus their means ``hard_ce`` (over contributing tokens), ``kl``, ``teacher_entropy``, ``top1_agreement``
+    (over soft positions), and ``loss``. float32 ``logits`` are overwritten when ``inplace`` (as
+    megatron-core's cross-entropy does); pass ``inplace=False`` to keep them.
+    """
+    vocab_part = logits.shape[-1]
+    z = logits.reshape(-1, vocab_part)
+    flat = _flat_batch(batch, z.shape[0], settings.kind)
+    _check_unique_ids(flat["topk_ids"])
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    has_loss = flat["loss_mask"] > 0
+    soft_rows = flat["soft_mask"].bool() & has_loss
+    fallback = has_loss & ~soft_rows if settings.no_teacher == "hard" else torch.zeros_like(has_loss)
+
+    if settings.kind == "hard":
+        out = _teacher_metrics(z, flat, dtype)
+        contributing = has_loss
+        per_token = hard_cross_entropy(z if inplace else z.clone(), flat["labels"]).to(dtype)
+        hard_ce = per_token.detach()
+    else:
+        contributing = soft_rows | fallback
+        alpha = settings.alpha if settings.kind == "soft" else 0.0
+        hard_w = (1.0 - settings.alpha) * soft_rows.to(dtype) + fallback.to(dtype)
+        mse = None
+        if settings.kind == "mse":
+            mse = logit_mse(z, flat["topk_ids"], flat["topk_logits"], center=settings.mse_center)
+        valid = valid_entries(flat["topk_ids"], flat["topk_logprobs"])
+        logp = masked_logprobs(flat["topk_logprobs"], valid, dtype)
+        soft_w, tail_w = tempered_targets(logp, valid, settings.tail, settings.temperature)
+        row_w = alpha * soft_rows.to(dtype)
+        out = topk_cross_entropy(
+            z,
+            flat["topk_ids"],
+            flat["topk_logprobs"],
+            soft_w * row_w.unsqueeze(-1),
+            tail_w * row_w,
+            flat["labels"],
+            hard_w if settings.alpha < 1.0 or settings.no_teacher == "hard" else None,
+            settings.temperature if settings.kind == "soft" else 1.0,
+            inplace=inplace,
+        )
+        per_token = out.loss
+        if mse is not None:
+            per_token = per_token + settings.alpha * soft_rows.to(dtype) * mse
+        hard_ce = out.hard_ce
+
+    weight = contributing.to(dtype)
+    tokens = weight.sum()
+    loss = (per_token * weight).sum() / tokens.clamp(min=1.0)
+    soft = soft_rows.to(dtype)
+    sums = {
+        "tokens": tokens,
+        "soft_tokens": soft.sum(),
+        "hard_ce_sum": (hard_ce * weight).sum(),
+        "kl_sum": (out.kl * soft).sum(),
+        "teacher_entropy_sum": (out.teacher_entropy * soft).sum(),
+        "top1_agree_sum": (out.top1_agree.to(dtype) * soft).sum(),
+    }
+    metrics = {key: value.detach() for key, value in sums.items()}
+    metrics["loss"] = loss.detach()
+    soft_tokens = soft.sum().clamp(min=1.0)
+    metrics["hard_ce"] = metrics["hard_ce_sum"] / tokens.clamp(min=1.0)
+    metrics["kl"] = metrics["kl_sum"] / soft_tokens
+    metrics["teacher_entropy"] = metrics["teacher_entropy_sum"] / soft_tokens
+    metrics["top1_agreement"] = metrics["top1_agree_sum"] / soft_tokens
+    return loss, metrics

@@ -1,0 +1,483 @@
+"""Training entry point: ``torchrun --nproc-per-node=TP*DP -m student.train SPEC.json``.
+
+SPEC is a JSON file (``TrainSpec``): ``model`` (ModelSettings), ``train`` (TrainSettings), ``loss``
+(LossSettings), ``tokenizer`` (a tokenizer.json), ``train_data`` / ``val_data`` (a snapshot manifest read by
+``storage.reader.PackedReader``, or a pre-tokenized ``.npz`` token corpus, see ``student.batches``),
+``out_dir`` and optional ``resume`` (true: the newest checkpoint under ``out_dir/checkpoints`` if any; or a
+checkpoint path).
+
+One optimizer step: ``grad_accum_steps`` micro-batches per data-parallel rank; each micro-batch loss (a mean
+over its tokens) is weighted by its share of the tokens of the *global* step (all micro-batches of all DP
+ranks), so the step minimises the token mean of the global batch whatever the TP x DP grid or accumulation.
+Gradients are summed over the DP group (one flat all-reduce), clipped on the global norm (sharded parameters
+counted once per TP rank, replicated ones once), then AdamW and a warmup + cosine schedule.
+
+Outputs in ``out_dir``: ``metrics.jsonl`` (one JSON object per line: ``step``, ``split`` train|val,
+``loss``, ``lr``, ``tokens``, the loss's metrics, ``grad_norm`` for train), ``checkpoints/step_NNNNNN/``
+(model + per-rank optimizer / scheduler / RNG / data position: a resumed run continues exactly),
+``final/`` (model + tokenizer), ``train_summary.json`` and ``spec.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from tqdm import tqdm
+
+from student import checkpoint as ckpt
+from student.batches import TokenBatches, TokenCorpus
+from student.distributed import (
+    DistEnv,
+    dp_group,
+    init_distributed,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    teardown,
+    tp_group,
+)
+from student.losses import METRIC_SUMS, distillation_loss
+from student.model import build_model, forward_logits
+from student.schedule import make_scheduler
+from student.settings import LossSettings, ModelSettings, TrainSettings
+from student.tokenizer import StudentTokenizer
+
+for _message in (
+    "Apex is not installed",
+    "Transformer Engine and Apex",
+    "full scope is deprecated",
+    "CUDA_DEVICE_MAX_CONNECTIONS",
+):
+    warnings.filterwarnings("ignore", message=f".*{_message}.*")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing")
+
+
+class TrainSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    loss: LossSettings = Field(default_factory=LossSettings)
+    tokenizer: Path
+    train_data: Path
+    val_data: Path | None = None
+    out_dir: Path
+    resume: bool | Path = False
+
+
+class SpecError(ValueError):
+    """A training spec that cannot be used; the message names the file and the field."""
+
+
+def load_spec(path: str | Path) -> TrainSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: training spec not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path}: not valid JSON: {exc}") from None
+    try:
+        spec = TrainSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{path}: field '{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors()]
+        raise SpecError("invalid training spec:\n  " + "\n  ".join(lines)) from None
+    for name in ("tokenizer", "train_data", "val_data"):
+        value = getattr(spec, name)
+        if value is not None and not value.is_file():
+            raise SpecError(f"{path}: field '{name}': file {value} not found")
+    return spec
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+class Batches(Protocol):
+    def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]: ...
+
+
+class SnapshotBatches:
+    """``storage.reader.PackedReader`` over a snapshot manifest, restartable at a micro-batch index."""
+
+    def __init__(self, path: Path, tokenizer: StudentTokenizer, spec: TrainSpec, env: DistEnv) -> None:
+        self.path, self.tokenizer, self.spec, self.env = path, tokenizer, spec, env
+
+    def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        from storage.reader import PackedReader
+        from storage.snapshot import load_snapshot
+        from teacher.alignment import vocab_mapper
+
+        reader = PackedReader(
+            load_snapshot(self.path),
+            seq_len=self.spec.model.seq_length,
+            micro_batch_size=self.spec.train.micro_batch_size,
+            map_vocab=vocab_mapper(self.tokenizer.vocab_bytes()),
+            encode=self.tokenizer.encode,
+            seed=self.spec.train.seed,
+            dp_rank=self.env.dp_rank,
+            dp_size=self.env.dp,
+        )
+        return islice(iter(reader), start, None)
+
+
+def make_batches(
+    path: Path, tokenizer: StudentTokenizer, spec: TrainSpec, env: DistEnv, train: bool
+) -> Batches:
+    if path.suffix == ".npz":
+        corpus = TokenCorpus.load(path)
+        if int(corpus.tokens.max(initial=0)) >= tokenizer.vocab_size:
+            raise SpecError(
+                f"{path}: token ids reach {corpus.tokens.max()}, tokenizer has {tokenizer.vocab_size}"
+            )
+        return TokenBatches(
+            corpus,
+            spec.model.seq_length,
+            spec.train.micro_batch_size,
+            seed=spec.train.seed,
+            dp_rank=env.dp_rank,
+            dp_size=env.dp,
+            shuffle=train,
+        )
+    return SnapshotBatches(path, tokenizer, spec, env)
+
+
+# --------------------------------------------------------------------------------------------- step
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (embeddings included), none on norm weights."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, settings.weight_decay),
+        lr=settings.lr,
+        betas=(settings.adam_beta1, settings.adam_beta2),
+        eps=1e-8,
+        foreach=False,
+    )
+
+
+def reduce_gradients(params: list[torch.nn.Parameter], group: dist.ProcessGroup, scale: float) -> None:
+    """Sum gradients over the data-parallel group (one flat all-reduce) and multiply them by ``scale``."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(reduced)
+
+
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, tp_rank: int) -> float:
+    """Clip to ``max_norm`` on the norm of the whole (unsharded) model's gradient; returns that norm.
+
+    A tensor-parallel parameter (``tensor_model_parallel``) holds a distinct slice on each TP rank; others
+    (norm weights) are replicated with equal gradients, so only TP rank 0 counts them.
+    """
+    squares = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    for p in params:
+        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
+            squares += p.grad.detach().double().pow(2).sum()
+    dist.all_reduce(squares, group=tp_group())
+    norm = float(squares.sqrt())
+    scale = min(max_norm / (norm + 1e-6), 1.0)
+    if scale < 1.0:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _autocast(env: DistEnv, settings: TrainSettings):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=env.device.type == "cuda" and settings.bf16)
+
+
+MEANS = {
+    "hard_ce": ("hard_ce_sum", "tokens"),
+    "kl": ("kl_sum", "soft_tokens"),
+    "teacher_entropy": ("teacher_entropy_sum", "soft_tokens"),
+    "top1_agreement": ("top1_agree_sum", "soft_tokens"),
+}
+"""Logged means of the loss's summed metrics (``student.losses.METRIC_SUMS``): numerator, count."""
+
+
+class _Tally:
+    """Sums of the loss's ``METRIC_SUMS`` (and of loss x tokens) over micro-batches and the DP group."""
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys((*METRIC_SUMS, "loss_sum"), 0.0)
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
+        for key in METRIC_SUMS:
+            self.sums[key] += float(metrics[key])
+        self.sums["loss_sum"] += float(loss) * float(metrics["tokens"])
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        keys = sorted(self.sums)
+        values = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64, device=device)
+        dist.all_reduce(values, group=dp_group())
+        sums = dict(zip(keys, values.tolist(), strict=True))
+        out = {"loss": sums["loss_sum"] / sums["tokens"] if sums["tokens"] else None}
+        for name, (numerator, count) in MEANS.items():
+            out[name] = sums[numerator] / sums[count] if sums[count] else None
+        return {**out, "step_tokens": sums["tokens"], "soft_tokens": sums["soft_tokens"]}
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    microbatches: list[dict[str, torch.Tensor]],
+    settings: TrainSettings,
+    loss_settings: LossSettings,
+    env: DistEnv,
+) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches; returns the global token-mean loss and metrics.
+
+    Each micro-batch back-propagates its loss *sum* (mean x contributing tokens); after the DP all-reduce the
+    gradient is divided by the step's total token count, so it is the gradient of the global token mean.
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    tally = _Tally()
+    for mb in microbatches:
+        batch = _to_device(mb, env.device)
+        with _autocast(env, settings):
+            logits = forward_logits(model, batch["tokens"], batch["position_ids"], batch["doc_ids"])
+        loss, metrics = distillation_loss(logits, batch, loss_settings)
+        (loss * metrics["tokens"]).backward()
+        tally.add(loss.detach(), metrics)
+    result = tally.reduce(env.device)
+    reduce_gradients(params, dp_group(), 1.0 / max(result["step_tokens"], 1.0))
+    grad_norm = clip_gradients(params, settings.grad_clip, env.tp_rank)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    return {**result, "lr": lr, "grad_norm": grad_norm}
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Batches,
+    settings: TrainSettings,
+    loss_settings: LossSettings,
+    env: DistEnv,
+    max_batches: int,
+) -> dict[str, float]:
+    model.eval()
+    tally = _Tally()
+    for mb in islice(batches.iterate(0), max_batches):
+        batch = _to_device(mb, env.device)
+        with _autocast(env, settings):
+            logits = forward_logits(model, batch["tokens"], batch["position_ids"], batch["doc_ids"])
+        loss, metrics = distillation_loss(logits, batch, loss_settings)
+        tally.add(loss, metrics)
+    return tally.reduce(env.device)
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+class MetricsLog:
+    """``metrics.jsonl`` on rank 0; on resume, lines after the resumed step are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, enabled: bool, resume_step: int) -> None:
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if resume_step > 0 and path.is_file():
+            kept = [
+                ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step
+            ]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def _format(record: dict[str, Any]) -> str:
+    shown = {k: v for k, v in record.items() if k not in ("split", "step") and v is not None}
+    parts = [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()]
+    return f"[{record['split']} step {record['step']}] " + " ".join(parts)
+
+
+def _resume_from(spec: TrainSpec) -> Path | None:
+    if spec.resume is False:
+        return None
+    if spec.resume is True:
+        return ckpt.latest_checkpoint(spec.out_dir / "checkpoints")
+    return spec.resume
+
+
+def _prune_checkpoints(root: Path, keep: int) -> None:
+    steps = sorted(p for p in root.glob("step_*") if (p / ckpt.META).is_file())
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run(spec: TrainSpec) -> dict[str, Any]:
+    """Train as one rank of the torchrun job; returns (and on rank 0 writes) the run summary."""
+    settings = spec.train
+    torch.set_num_threads(settings.threads_per_rank)
+    env = init_distributed(settings.tensor_parallel, settings.data_parallel)
+    try:
+        return _train(spec, env)
+    finally:
+        teardown()
+
+
+def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
+    settings = spec.train
+    out = spec.out_dir
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "spec.json").write_text(spec.model_dump_json(indent=2))
+    seed_everything(settings.seed)
+    tokenizer = StudentTokenizer.load(spec.tokenizer)
+    model = build_model(spec.model, tokenizer.vocab_size)
+    optimizer = make_optimizer(model, settings)
+    scheduler = make_scheduler(optimizer, settings)
+    train_batches = make_batches(spec.train_data, tokenizer, spec, env, train=True)
+    val_batches = make_batches(spec.val_data, tokenizer, spec, env, train=False) if spec.val_data else None
+
+    step, position, tokens_seen = 0, 0, 0.0
+    resume = _resume_from(spec)
+    if resume is not None:
+        ckpt.load_model_weights(model, resume)
+        state = ckpt.load_train_state(resume)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step, position, tokens_seen = state["step"], state["data_position"], state["tokens"]
+    log = MetricsLog(out / "metrics.jsonl", env.is_main, step)
+
+    def emit(record: dict[str, Any]) -> None:
+        log.write(record)
+        if env.is_main:
+            tqdm.write(_format(record))
+
+    def save(directory: Path, with_state: bool) -> None:
+        states = {
+            "step": step,
+            "data_position": position,
+            "tokens": tokens_seen,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_state(),
+        }
+        ckpt.save_checkpoint(
+            directory,
+            model,
+            spec.model,
+            step,
+            train_states=states if with_state else None,
+            tokenizer=spec.tokenizer,
+            extra={"loss": spec.loss.model_dump(), "tokens": tokens_seen},
+        )
+
+    def validate() -> dict[str, float] | None:
+        if val_batches is None:
+            return None
+        result = evaluate(model, val_batches, settings, spec.loss, env, settings.eval_batches)
+        result["eval_tokens"] = result.pop("step_tokens")
+        emit(
+            {"step": step, "split": "val", **result, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen}
+        )
+        return result
+
+    if resume is None:
+        validate()
+    stream = train_batches.iterate(position)
+    started, start_tokens = time.perf_counter(), tokens_seen
+    last_train: dict[str, float] = {}
+    last_val: dict[str, float] | None = None
+    bar = tqdm(total=settings.steps, initial=step, disable=not env.is_main, desc="train", unit="step")
+    while step < settings.steps:
+        micro = list(islice(stream, settings.grad_accum_steps))
+        position += settings.grad_accum_steps
+        result = train_step(model, optimizer, scheduler, micro, settings, spec.loss, env)
+        step += 1
+        tokens_seen += result["step_tokens"]
+        last_train = result
+        bar.update(1)
+        bar.set_postfix(loss=f"{result['loss']:.4f}")
+        if step % settings.log_every == 0 or step == settings.steps:
+            emit({"step": step, "split": "train", **result, "tokens": tokens_seen})
+        if step % settings.eval_every == 0 or step == settings.steps:
+            last_val = validate() or last_val
+        if step % settings.checkpoint_every == 0 and step < settings.steps:
+            save(out / "checkpoints" / f"step_{step:06d}", with_state=True)
+            if env.is_main:
+                _prune_checkpoints(out / "checkpoints", settings.keep_checkpoints)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    save(out / "checkpoints" / f"step_{step:06d}", with_state=True)
+    save(out / "final", with_state=False)
+    summary = {
+        "steps": step,
+        "tokens": tokens_seen,
+        "train_loss": last_train.get("loss"),
+        "val_loss": last_val["loss"] if last_val else None,
+        "seconds": elapsed,
+        "tokens_per_s": (tokens_seen - start_tokens) / elapsed if elapsed > 0 else None,
+        "resumed_from": str(resume) if resume else None,
+        "tensor_parallel": env.tp,
+        "data_parallel": env.dp,
+        "loss": spec.loss.model_dump(),
+        "final_checkpoint": str(out / "final"),
+    }
+    if env.is_main:
+        _prune_checkpoints(out / "checkpoints", settings.keep_checkpoints)
+        tmp = out / "train_summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out / "train_summary.json")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: torchrun --nproc-per-node=TP*DP -m student.train SPEC.json", file=sys.stderr)
+        return 2
+    try:
+        spec = load_spec(args[0])
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Asking an OpenAI-compatible teacher for top-k logprobs, on the official ``openai`` client (async).
+
+Retries are the ``openai`` client's own (``max_retries``: exponential backoff with jitter, ``Retry-After``
+honoured, 408/409/429/5xx, timeouts and dropped connections). What it lacks is added at the HTTP transport:
+``ValidatingTransport`` turns a 200 whose body is not JSON, or lacks the logprobs that were asked for, into a
+retryable 502 (a gateway's answer to a bad upstream response), so that one retry loop, one budget and one
+backoff cover every fault.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx2
+from openai import AsyncOpenAI
+
+from teacher.inputs import WorkItem
+from teacher.parsing import Parsed, Resolve, parse_chat, parse_completion, parse_prompt_logprobs
+from teacher.settings import TeacherSettings
+
+BAD_BODY_STATUS = 502
+
+
+def body_problem(request_body: bytes, response_body: bytes) -> str | None:
+    """Why a 200 response cannot be used for the request that asked for it, or None when it can."""
+    try:
+        body = json.loads(response_body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "a body that is not valid JSON"
+    try:
+        asked = json.loads(request_body) if request_body else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        asked = {}
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        return "no choices"
+    choice = choices[0]
+    if asked.get("prompt_logprobs") is not None and not isinstance(choice.get("prompt_logprobs"), list):
+        return "no prompt_logprobs although they were asked for"
+    if asked.get("logprobs") not in (None, False) and not isinstance(choice.get("logprobs"), dict):
+        return "no logprobs although they were asked for"
+    return None
+
+
+class ValidatingTransport(httpx2.AsyncBaseTransport):
+    """Wraps the real transport; a 200 with an unusable body becomes a retryable 502 with the reason."""
+
+    def __init__(self, inner: httpx2.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        response = await self.inner.handle_async_request(request)
+        if response.status_code != 200 or request.method != "POST":
+            return response
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        problem = body_problem(request.content, content)
+        if problem is None:
+            return response
+        message = f"the teacher answered 200 with {problem}"
+        return httpx2.Response(
+            BAD_BODY_STATUS,
+            headers={"x-should-retry": "true"},
+            json={"error": {"message": message, "type": "invalid_teacher_response"}},
+            request=request,
+        )
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def make_openai_client(settings: TeacherSettings, base_url: str, api_key: str | None) -> AsyncOpenAI:
+    timeout = httpx2.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 10.0))
+    limits = httpx2.Limits(
+        max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency
+    )
+    transport = ValidatingTransport(httpx2.AsyncHTTPTransport(limits=limits))
+    return AsyncOpenAI(
+        base_url=base_url,
+        api_key=api_key or "no-key",  # the local teacher without auth accepts any bearer
+        max_retries=settings.max_retries,
+        timeout=timeout,
+        http_client=httpx2.AsyncClient(transport=transport, timeout=timeout),
+    )
+
+
+def request_params(settings: TeacherSettings) -> dict[str, Any]:
+    """The parameters that decide the teacher's answer: hashed into the sample id and stored with records."""
+    params: dict[str, Any] = {"mode": settings.mode, "top_k": settings.top_k, "token_ids": settings.token_ids}
+    if settings.mode == "generate":
+        params.update(api=settings.api, temperature=settings.temperature, max_tokens=settings.max_tokens)
+    else:
+        params.update(score_api=settings.score_api)
+    return params
+
+
+def estimated_tokens(item: WorkItem, settings: TeacherSettings) -> int:
+    """Tokens a request will cost, guessed before sending it (about 4 characters a token)."""
+    prompt = len(item.prompt_text()) // 4 + 1
+    return prompt + (settings.max_tokens if settings.mode == "generate" else 1)
+
+
+class TeacherClient:
+    """One request per work item, answered as ``Parsed`` top-k (see ``teacher.parsing``).
+
+    ``resolve`` (teacher id -> bytes) recovers the bytes of tokens a server reports by id or lossily.
+    """
+
+    def __init__(
+        self, settings: TeacherSettings, base_url: str, api_key: str | None, resolve: Resolve | None = None
+    ) -> None:
+        if settings.mode == "score" and settings.score_api == "prompt_logprobs" and not settings.token_ids:
+            raise ValueError(
+                "teacher.score_api = 'prompt_logprobs' needs teacher.token_ids = true: prompt_logprobs name the "
+                "first prompt token by nothing but its id (or use score_api = 'echo')"
+            )
+        if settings.token_ids and resolve is None:
+            raise ValueError(
+                "teacher.token_ids = true needs the teacher's tokenizer (teacher.tokenizer_path); "
+                "for OpenAI, which reports bytes, set teacher.token_ids = false"
+            )
+        self.settings = settings
+        self.resolve = resolve
+        self.openai = make_openai_client(settings, base_url, api_key)
+
+    async def __aenter__(self) -> TeacherClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.openai.close()
+
+    def _id_body(self) -> dict[str, Any]:
+        s = self.settings
+        body: dict[str, Any] = {"return_tokens_as_token_ids": True} if s.token_ids else {}
+        return {**body, "return_logits": True} if s.logits else body
+
+    async def ask(self, item: WorkItem) -> Parsed:
+        s = self.settings
+        if s.mode == "generate":
+            return await (self._chat(item) if s.api == "chat" else self._complete(item))
+        if item.messages is not None:
+            raise ValueError("score mode reads text: give 'prompt'/'text' inputs, not 'messages'")
+        return await (self._prompt_logprobs(item) if s.score_api == "prompt_logprobs" else self._echo(item))
+
+    async def _chat(self, item: WorkItem) -> Parsed:
+        s = self.settings
+        messages = list(item.messages) if item.messages else [{"role": "user", "content": item.prompt or ""}]
+        raw = await self.openai.chat.completions.with_raw_response.create(
+            model=s.model,
+            messages=messages,
+            logprobs=True,
+            top_logprobs=s.top_k,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            extra_body=self._id_body(),
+        )
+        return parse_chat(json.loads(raw.content), s.top_k, self.resolve)
+
+    async def _complete(self, item: WorkItem) -> Parsed:
+        s = self.settings
+        raw = await self.openai.completions.with_raw_response.create(
+            model=s.model,
+            prompt=item.prompt_text(),
+            logprobs=s.top_k,
+            max_tokens=s.max_tokens,
+            temperature=s.temperature,
+            extra_body=self._id_body(),
+        )
+        return parse_completion(json.loads(raw.content), s.top_k, resolve=self.resolve)
+
+    async def _echo(self, item: WorkItem) -> Parsed:
+        s = self.settings
+        text = item.prompt_text()
+        raw = await self.openai.completions.with_raw_response.create(
+            model=s.model,
+            prompt=text,
+            echo=True,
+            logprobs=s.top_k,
+            max_tokens=1,
+            temperature=0.0,
+            extra_body=self._id_body(),
+        )
+        return parse_completion(json.loads(raw.content), s.top_k, text, self.resolve)
+
+    async def _prompt_logprobs(self, item: WorkItem) -> Parsed:
+        s = self.settings
+        text = item.prompt_text()
+        extra: dict[str, Any] = {"prompt_logprobs": s.top_k, **self._id_body()}
+        # With ids on, echo the prompt's token ids too: prompt_logprobs alone does not name the first token.
+        echo = {"echo": True, "logprobs": 0} if s.token_ids else {}
+        raw = await self.openai.completions.with_raw_response.create(
+            model=s.model, prompt=text, max_tokens=1, temperature=0.0, extra_body=extra, **echo
+        )
+        return parse_prompt_logprobs(json.loads(raw.content), s.top_k, text, self.resolve)

@@ -1,0 +1,169 @@
+"""Importers of teacher data people already have, into the same ``TopKRecord`` + ``TeacherVocab`` as collection.
+
+- OpenAI Batch API output (JSONL): ``{"custom_id", "response": {"status_code", "body": <chat completion>},
+  "error"}`` per line; the prompts come from the batch's input file (``{"custom_id", "body": {"messages",
+  ...}}``) when given. Lines whose request failed are returned as failures, not records.
+- metaseq soft-distillation JSONL (the seed project's format): ``{"src" | "prompt_text", "tgt"?,
+  "beam_results": [{"generated_text"?, "tokens"?, "top_logprobs": [{token_text: {"token_id",
+  "logprob_score"}}, ...]}]}``: per generated position, the top-k keyed by token text. The token actually
+  generated is ``tokens[i]`` when given, else the candidate that continues the generated text (``generated_text``
+  or ``tgt``), else the most likely one.
+
+Every malformed line raises ``InputError`` naming ``file:line``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from storage.records import TeacherVocab, TopKRecord
+from teacher.collect import build_record
+from teacher.inputs import InputError, item_from_object
+from teacher.parsing import Parsed, ResponseShapeError, Token, decode_token_string, parse_chat, top_k
+
+FORMATS = ("openai-batch", "metaseq")
+
+
+@dataclass
+class ImportResult:
+    records: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (custom id / line, reason)
+
+
+def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    """``(file:line, decoded object)`` for each non-empty line; a line that is not JSON is an error."""
+    with path.open("r", encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _batch_prompts(requests: Path) -> dict[str, tuple[str, dict]]:
+    """custom_id -> (prompt as stored, request body) from a Batch input file."""
+    prompts = {}
+    for where, obj in _json_lines(requests):
+        body = obj.get("body") if isinstance(obj, dict) else None
+        if not isinstance(body, dict) or not isinstance(obj.get("custom_id"), str):
+            raise InputError(f"{where}: expected {{'custom_id': str, 'body': {{'messages': [...]}}}}")
+        prompts[obj["custom_id"]] = (item_from_object(body, where).prompt_text(), body)
+    return prompts
+
+
+def import_openai_batch(
+    output: Path, vocab: TeacherVocab, requests: Path | None = None, split: str = "train"
+) -> Iterator[TopKRecord | tuple[str, str]]:
+    """Records (or ``(custom_id, reason)`` failures) from a Batch output file of chat completions."""
+    prompts = _batch_prompts(requests) if requests is not None else {}
+    for where, obj in _json_lines(output):
+        if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
+            raise InputError(f"{where}: expected an object with a string 'custom_id'")
+        custom_id = obj["custom_id"]
+        response = obj.get("response")
+        if obj.get("error") or not isinstance(response, dict) or response.get("status_code") != 200:
+            error = obj.get("error") or (response or {}).get("body", {}).get("error")
+            yield custom_id, f"batch request failed: {json.dumps(error)[:300]}"
+            continue
+        if requests is not None and custom_id not in prompts:
+            raise InputError(f"{where}: custom_id {custom_id!r} is not in {requests}")
+        prompt, request = prompts.get(custom_id, ("", {}))
+        body = response.get("body")
+        k = int(request.get("top_logprobs") or 20)
+        try:
+            parsed = parse_chat(body, k)
+            params = {
+                "mode": "generate", "api": "chat", "top_k": k, "source": "openai-batch",
+                "temperature": request.get("temperature", 1.0),
+                "max_tokens": request.get("max_tokens", request.get("max_completion_tokens")),
+            }  # fmt: skip
+            model = body.get("model") or request.get("model") or "openai"
+            key = prompt or custom_id
+            yield build_record(parsed, key, split, model, "generate", params, vocab)
+        except (ResponseShapeError, ValueError) as exc:
+            raise InputError(f"{where}: {exc}") from None
+
+
+def _metaseq_position(entry: Any, where: str) -> list[Token]:
+    if not isinstance(entry, dict) or not entry:
+        raise InputError(f"{where}: expected an object {{token_text: {{token_id, logprob_score}}}}")
+    out = []
+    for text, value in entry.items():
+        if not isinstance(value, dict) or "logprob_score" not in value:
+            raise InputError(f"{where}[{text!r}]: expected {{'token_id': int, 'logprob_score': float}}")
+        data, _ = decode_token_string(text)
+        token_id = value.get("token_id")
+        out.append(Token(data, None if token_id is None else int(token_id), float(value["logprob_score"])))
+    return out
+
+
+def _pick_actual(candidates: list[Token], rest: bytes | None, wanted: str | None, where: str) -> Token:
+    if wanted is not None:
+        data = decode_token_string(wanted)[0]
+        for c in candidates:
+            if c.data == data:
+                return c
+        raise InputError(f"{where}: the generated token {wanted!r} is not among the position's top_logprobs")
+    if rest is not None:
+        matching = [c for c in candidates if c.data and rest.startswith(c.data)]
+        if matching:
+            return max(matching, key=lambda c: (len(c.data or b""), c.logprob))
+        raise InputError(f"{where}: no top_logprobs entry continues the generated text")
+    return max(candidates, key=lambda c: c.logprob)
+
+
+def metaseq_record(obj: Any, where: str, teacher: str, vocab: TeacherVocab, split: str) -> TopKRecord:
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected a JSON object")
+    prompt = obj.get("prompt_text", obj.get("src"))
+    if not isinstance(prompt, str):
+        raise InputError(f"{where}: expected a string 'prompt_text' or 'src'")
+    beams = obj.get("beam_results")
+    if not isinstance(beams, list) or not beams or not isinstance(beams[0], dict):
+        raise InputError(f"{where}: expected 'beam_results' as a non-empty list of objects")
+    beam = beams[0]
+    positions = beam.get("top_logprobs")
+    if not isinstance(positions, list):
+        raise InputError(f"{where}: expected 'beam_results[0].top_logprobs' as a list")
+    target = beam.get("generated_text", obj.get("tgt"))
+    rest = target.encode("utf-8") if isinstance(target, str) else None
+    named = beam.get("tokens")
+    if named is not None and (not isinstance(named, list) or len(named) != len(positions)):
+        raise InputError(f"{where}: 'beam_results[0].tokens' must list one token per top_logprobs position")
+    tokens, candidates = [], []
+    for i, entry in enumerate(positions):
+        at = f"{where}: beam_results[0].top_logprobs[{i}]"
+        cands = _metaseq_position(entry, at)
+        actual = _pick_actual(cands, rest, named[i] if named else None, at)
+        if rest is not None and actual.data:
+            rest = rest[len(actual.data) :]
+        tokens.append(actual)
+        candidates.append(top_k(cands, len(cands)))
+    text = (
+        target
+        if isinstance(target, str)
+        else b"".join(t.data or b"" for t in tokens).decode("utf-8", "replace")
+    )
+    params = {"mode": "generate", "top_k": max((len(c) for c in candidates), default=0), "source": "metaseq"}
+    try:
+        return build_record(
+            Parsed(text, tokens, candidates), prompt, split, teacher, "generate", params, vocab
+        )
+    except (ResponseShapeError, ValueError) as exc:
+        raise InputError(f"{where}: {exc}") from None
+
+
+def import_metaseq(
+    path: Path, vocab: TeacherVocab, teacher: str = "metaseq-teacher", split: str = "train"
+) -> Iterator[TopKRecord]:
+    for where, obj in _json_lines(path):
+        yield metaseq_record(
+            obj, where, teacher, vocab, obj.get("split", split) if isinstance(obj, dict) else split
+        )

@@ -1,0 +1,381 @@
+"""Pure parsers of OpenAI-compatible response bodies (plain JSON dicts) into per-position top-k.
+
+Shapes handled (the documented ones):
+
+- chat completions: ``choices[0].logprobs.content[i] = {token, logprob, bytes, top_logprobs: [{token, logprob,
+  bytes}]}``; ``bytes`` carries the UTF-8 bytes of tokens that are fragments of a multi-byte character.
+- legacy completions: ``choices[0].logprobs = {tokens, token_logprobs, top_logprobs: [{token: logprob}],
+  text_offset}``; with ``echo`` the prompt's tokens come first and the first position's ``top_logprobs`` is null.
+  OpenAI spells a fragment token ``"bytes:\\xe2\\x80"``; vLLM with ``return_tokens_as_token_ids`` spells every
+  token ``"token_id:123"``.
+- vLLM ``prompt_logprobs`` extension: ``choices[0].prompt_logprobs = [null, {"<id>": {logprob, rank,
+  decoded_token}}, ...]``: per prompt position the top-k plus the actual prompt token (k or k + 1 entries).
+- the local teacher's ``return_logits`` extension: raw logits beside the logprobs.
+
+A server that decodes a fragment of a multi-byte character to U+FFFD (vLLM, the local teacher) loses its bytes;
+they are recovered from the token id when the server gave one and the caller passes ``resolve`` (teacher id ->
+bytes, from the teacher's tokenizer). OpenAI's ``-9999`` "not returned" sentinel is dropped; fewer than k
+entries is fine (k varies per position).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+SENTINEL_LOGPROB = -9999.0
+Resolve = Callable[[int], bytes]
+
+
+class ResponseShapeError(ValueError):
+    """A response body that does not have the documented shape; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token as the server reported it: its bytes (None when unknown), its id if given, its raw logit."""
+
+    data: bytes | None
+    id: int | None
+    logprob: float
+    logit: float | None = None
+
+
+@dataclass
+class Parsed:
+    """The teacher's answer for one sample, before teacher-vocab ids are assigned.
+
+    ``tokens[i]`` is the i-th token of ``text``; ``candidates[i]`` its top-k (sorted by decreasing logprob).
+    """
+
+    text: str
+    tokens: list[Token]
+    candidates: list[list[Token]]
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def decode_token_string(token: str) -> tuple[bytes | None, int | None]:
+    """Bytes and id of a token string: ``token_id:N`` (id only), ``bytes:\\xNN..`` (raw bytes), a string with
+    U+FFFD (bytes lost), else its UTF-8."""
+    if token.startswith("token_id:"):
+        try:
+            return None, int(token[len("token_id:") :])
+        except ValueError:
+            raise ResponseShapeError(f"token {token!r}: 'token_id:' not followed by an integer") from None
+    if token.startswith("bytes:"):
+        escapes = token[len("bytes:") :]
+        if "'" in escapes or "\n" in escapes:
+            raise ResponseShapeError(f"token {token!r}: 'bytes:' not followed by \\xNN escapes")
+        try:
+            return ast.literal_eval(f"b'{escapes}'"), None
+        except (ValueError, SyntaxError):
+            raise ResponseShapeError(f"token {token!r}: 'bytes:' not followed by \\xNN escapes") from None
+    if "\ufffd" in token:
+        return None, None
+    return token.encode("utf-8"), None
+
+
+def make_token(
+    token: str,
+    logprob: float,
+    resolve: Resolve | None,
+    data: bytes | None = None,
+    token_id: int | None = None,
+    logit: float | None = None,
+) -> Token:
+    """A token from its string (``data``/``token_id`` when the server gave them apart), with its bytes resolved
+    from its id when the string does not carry them."""
+    decoded, parsed_id = decode_token_string(token)
+    token_id = token_id if token_id is not None else parsed_id
+    data = data if data is not None else decoded
+    if data is None and token_id is not None and resolve is not None:
+        data = resolve(token_id)
+    return Token(data, token_id, logprob, logit)
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ResponseShapeError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _field(obj: Any, key: str, where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise ResponseShapeError(f"{where}: missing field '{key}'")
+    return obj[key]
+
+
+def _list(obj: Any, where: str) -> list:
+    if not isinstance(obj, list):
+        raise ResponseShapeError(f"{where}: expected a list, got {type(obj).__name__}")
+    return obj
+
+
+def top_k(entries: list[Token], k: int) -> list[Token]:
+    """Drop the ``-9999`` sentinel, sort by decreasing logprob, keep at most ``k``."""
+    kept = [e for e in entries if e.logprob > SENTINEL_LOGPROB + 0.5]
+    kept.sort(key=lambda e: -e.logprob)
+    return kept[:k]
+
+
+def _first_choice(body: Any) -> dict:
+    choices = _list(_field(body, "choices", "response"), "response.choices")
+    if not choices or not isinstance(choices[0], dict):
+        raise ResponseShapeError("response.choices: expected at least one choice object")
+    return choices[0]
+
+
+def _usage(body: dict) -> tuple[int, int]:
+    usage = body.get("usage") or {}
+    return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+
+
+def _optional_number(value: Any, where: str) -> float | None:
+    return None if value is None else _number(value, where)
+
+
+# ---- chat completions ---------------------------------------------------------------------------------------
+
+
+def _chat_token(item: Any, where: str, resolve: Resolve | None, logit: float | None = None) -> Token:
+    token = _field(item, "token", where)
+    if not isinstance(token, str):
+        raise ResponseShapeError(f"{where}.token: expected a string")
+    logprob = _number(_field(item, "logprob", where), f"{where}.logprob")
+    raw = item.get("bytes")
+    data = None
+    if raw is not None:
+        try:
+            data = bytes(_list(raw, f"{where}.bytes"))
+        except (ValueError, TypeError):
+            raise ResponseShapeError(f"{where}.bytes: expected a list of integers 0..255") from None
+    return make_token(token, logprob, resolve, data=data, logit=logit)
+
+
+def parse_chat(body: Any, k: int, resolve: Resolve | None = None) -> Parsed:
+    """A chat completion with ``logprobs: true, top_logprobs: k`` (generate mode)."""
+    choice = _first_choice(body)
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict) or not isinstance(logprobs.get("content"), list):
+        raise ResponseShapeError("choices[0].logprobs.content: missing (did the server ignore logprobs?)")
+    tokens, candidates = [], []
+    for i, item in enumerate(logprobs["content"]):
+        where = f"choices[0].logprobs.content[{i}]"
+        tokens.append(_chat_token(item, where, resolve))
+        tops = _list(item.get("top_logprobs") or [], f"{where}.top_logprobs")
+        logits = _list(item.get("top_logits") or [], f"{where}.top_logits")
+        if logits and len(logits) != len(tops):
+            raise ResponseShapeError(
+                f"{where}.top_logits: {len(logits)} entries for {len(tops)} top_logprobs"
+            )
+        entries = [
+            _chat_token(
+                t, f"{where}.top_logprobs[{j}]", resolve,
+                _number(_field(logits[j], "logit", f"{where}.top_logits[{j}]"), f"{where}.top_logits[{j}]")
+                if logits else None,
+            )
+            for j, t in enumerate(tops)
+        ]  # fmt: skip
+        candidates.append(top_k(entries, k))
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(text, str):
+        raise ResponseShapeError("choices[0].message.content: expected a string")
+    prompt_tokens, completion_tokens = _usage(body)
+    return Parsed(text, tokens, candidates, choice.get("finish_reason"), prompt_tokens, completion_tokens)
+
+
+# ---- legacy completions -------------------------------------------------------------------------------------
+
+
+def _completion_tokens(
+    logprobs: dict, k: int, resolve: Resolve | None
+) -> tuple[list[Token], list[list[Token]]]:
+    where = "choices[0].logprobs"
+    names = _list(_field(logprobs, "tokens", where), f"{where}.tokens")
+    values = _list(_field(logprobs, "token_logprobs", where), f"{where}.token_logprobs")
+    tops = _list(_field(logprobs, "top_logprobs", where), f"{where}.top_logprobs")
+    logits = logprobs.get("top_logits")
+    logits = [None] * len(tops) if logits is None else _list(logits, f"{where}.top_logits")
+    if not len(names) == len(values) == len(tops) == len(logits):
+        raise ResponseShapeError(
+            f"{where}: tokens/token_logprobs/top_logprobs(/top_logits) lengths differ "
+            f"({len(names)}, {len(values)}, {len(tops)}, {len(logits)})"
+        )
+    tokens, candidates = [], []
+    for i, (name, value, top, top_logits) in enumerate(zip(names, values, tops, logits, strict=True)):
+        if not isinstance(name, str):
+            raise ResponseShapeError(f"{where}.tokens[{i}]: expected a string")
+        logprob = _optional_number(value, f"{where}.token_logprobs[{i}]")
+        tokens.append(make_token(name, SENTINEL_LOGPROB if logprob is None else logprob, resolve))
+        if top is None:
+            candidates.append([])
+            continue
+        if not isinstance(top, dict) or not (top_logits is None or isinstance(top_logits, dict)):
+            raise ResponseShapeError(f"{where}.top_logprobs[{i}]: expected an object or null")
+        entries = [
+            make_token(
+                t, _number(lp, f"{where}.top_logprobs[{i}][{t!r}]"), resolve,
+                logit=None if top_logits is None else _optional_number(top_logits.get(t), f"{where}.top_logits[{i}]"),
+            )
+            for t, lp in top.items()
+        ]  # fmt: skip
+        candidates.append(top_k(entries, k))
+    return tokens, candidates
+
+
+def _prompt_length(tokens: list[Token], prompt: str) -> int:
+    """How many leading tokens spell exactly the prompt's bytes (echo puts the completion after them)."""
+    target, total = len(prompt.encode("utf-8")), 0
+    for i, token in enumerate(tokens):
+        if total == target:
+            return i
+        if token.data is None:
+            raise ResponseShapeError(
+                f"choices[0].logprobs.tokens[{i}]: the token's bytes are unknown (a lossy token string): ask for "
+                "token ids and give the teacher's tokenizer"
+            )
+        total += len(token.data)
+    if total == target:
+        return len(tokens)
+    raise ResponseShapeError(
+        f"choices[0].logprobs.tokens: the echoed tokens do not spell the prompt ({total} vs {target} bytes)"
+    )
+
+
+def parse_completion(
+    body: Any, k: int, echo_prompt: str | None = None, resolve: Resolve | None = None
+) -> Parsed:
+    """A legacy completion with ``logprobs: k``.
+
+    Generate mode: every token is a completion token. Score mode (``echo_prompt`` given: the request used echo):
+    only the tokens spelling the prompt are kept, the completion token the server added is cut off.
+    """
+    choice = _first_choice(body)
+    logprobs = choice.get("logprobs")
+    if not isinstance(logprobs, dict):
+        raise ResponseShapeError("choices[0].logprobs: missing (did the server ignore logprobs?)")
+    tokens, candidates = _completion_tokens(logprobs, k, resolve)
+    prompt_tokens, completion_tokens = _usage(body)
+    if echo_prompt is None:
+        text = choice.get("text")
+        if not isinstance(text, str):
+            raise ResponseShapeError("choices[0].text: expected a string")
+        return Parsed(text, tokens, candidates, choice.get("finish_reason"), prompt_tokens, completion_tokens)
+    n = _prompt_length(tokens, echo_prompt)
+    return Parsed(echo_prompt, tokens[:n], candidates[:n], None, prompt_tokens, 0)
+
+
+# ---- vLLM prompt_logprobs -----------------------------------------------------------------------------------
+
+
+def _prompt_entries(
+    raw: dict, where: str, k: int, resolve: Resolve | None
+) -> tuple[list[Token], dict[int, Token]]:
+    """The top-k of one prompt position, and every entry by id (the actual token may rank below k)."""
+    by_id: dict[int, Token] = {}
+    in_top: list[Token] = []
+    for key, entry in raw.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise ResponseShapeError(f"{where}: key {key!r} is not a token id") from None
+        logprob = _number(_field(entry, "logprob", f"{where}[{key}]"), f"{where}[{key}].logprob")
+        decoded = entry.get("decoded_token")
+        logit = _optional_number(entry.get("logit"), f"{where}[{key}].logit")
+        token = make_token(
+            decoded if isinstance(decoded, str) else "\ufffd", logprob, resolve, None, token_id, logit
+        )
+        by_id[token_id] = token
+        rank = entry.get("rank")
+        if rank is None or int(rank) <= k:
+            in_top.append(token)
+    return top_k(in_top, k), by_id
+
+
+def _actual_ids_from_text(positions: list[dict[int, Token]], prompt: bytes) -> list[int] | None:
+    """Which entry of positions 1..n-1 is the prompt's token, found by spelling the prompt backwards.
+
+    Needed because ``prompt_logprobs`` does not say which entry is the prompt token when it ranks within k.
+    Candidates whose bytes end the remaining prompt are tried, longest first (a memoized search); position 0
+    takes whatever bytes are left.
+    """
+    failed: set[tuple[int, int]] = set()
+
+    def search(i: int, end: int) -> list[int] | None:
+        if i == 0:
+            return [] if end > 0 else None
+        if (i, end) in failed:
+            return None
+        for token in sorted(positions[i].values(), key=lambda t: -len(t.data or b"")):
+            if token.data and prompt[:end].endswith(token.data):
+                rest = search(i - 1, end - len(token.data))
+                if rest is not None:
+                    return [*rest, token.id]
+        failed.add((i, end))
+        return None
+
+    return search(len(positions) - 1, len(prompt))
+
+
+def _echoed_ids(choice: dict, n: int) -> list[int] | None:
+    """Prompt token ids from an ``echo`` + ``return_tokens_as_token_ids`` answer sent with the request."""
+    logprobs = choice.get("logprobs")
+    names = logprobs.get("tokens") if isinstance(logprobs, dict) else None
+    if not isinstance(names, list) or len(names) < n:
+        return None
+    ids = [decode_token_string(t)[1] if isinstance(t, str) else None for t in names[:n]]
+    return None if any(i is None for i in ids) else ids
+
+
+def parse_prompt_logprobs(body: Any, k: int, prompt: str, resolve: Resolve | None = None) -> Parsed:
+    """A vLLM completion with ``prompt_logprobs: k`` (score mode): the top-k at every prompt position."""
+    choice = _first_choice(body)
+    raw = choice.get("prompt_logprobs")
+    if not isinstance(raw, list) or not raw:
+        raise ResponseShapeError("choices[0].prompt_logprobs: missing (does the server support it?)")
+    if raw[0] is not None:
+        raise ResponseShapeError("choices[0].prompt_logprobs[0]: expected null (no prediction for token 0)")
+    candidates: list[list[Token]] = [[]]
+    by_position: list[dict[int, Token]] = [{}]
+    for i, entry in enumerate(raw[1:], start=1):
+        where = f"choices[0].prompt_logprobs[{i}]"
+        if not isinstance(entry, dict):
+            raise ResponseShapeError(f"{where}: expected an object keyed by token id")
+        top, by_id = _prompt_entries(entry, where, k, resolve)
+        candidates.append(top)
+        by_position.append(by_id)
+    prompt_bytes = prompt.encode("utf-8")
+    ids = choice.get("prompt_token_ids") or body.get("prompt_token_ids") or _echoed_ids(choice, len(raw))
+    if ids is not None:
+        ids = [int(t) for t in _list(ids, "choices[0].prompt_token_ids")]
+        if len(ids) != len(raw):
+            raise ResponseShapeError(
+                f"choices[0].prompt_token_ids: {len(ids)} ids for {len(raw)} prompt_logprobs positions"
+            )
+        missing = [i for i in range(1, len(raw)) if ids[i] not in by_position[i]]
+        if missing:
+            raise ResponseShapeError(f"choices[0].prompt_logprobs[{missing[0]}]: lacks the prompt token")
+    else:
+        found = _actual_ids_from_text(by_position, prompt_bytes)
+        if found is None:
+            raise ResponseShapeError(
+                "choices[0].prompt_logprobs: the tokens do not spell the prompt (lossy decoded_token strings? "
+                "give the teacher's tokenizer, or use echo scoring)"
+            )
+        ids = [-1, *found]
+    later = [by_position[i][ids[i]] for i in range(1, len(raw))]
+    first_bytes = prompt_bytes[: len(prompt_bytes) - sum(len(t.data or b"") for t in later)]
+    first = Token(first_bytes, ids[0] if ids[0] >= 0 else None, 0.0)
+    if resolve is not None and first.id is not None and resolve(first.id) != first_bytes:
+        raise ResponseShapeError("choices[0].prompt_logprobs: the prompt tokens do not spell the prompt")
+    tokens = [first, *later]
+    if any(t.data is None for t in later) or b"".join(t.data or b"" for t in tokens) != prompt_bytes:
+        raise ResponseShapeError("choices[0].prompt_logprobs: the prompt tokens do not spell the prompt")
+    prompt_tokens, _ = _usage(body)
+    return Parsed(prompt, tokens, candidates, None, prompt_tokens, 0)

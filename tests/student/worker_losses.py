@@ -1,0 +1,361 @@
+"""Dense float64 references for the losses, and the torchrun worker that checks them at TP=1 and TP=2.
+
+The references below know nothing about tensor parallelism or the fused Function: full logits ``[N, V]``, a plain
+``log_softmax``, Python loops over rows, and ordinary autograd. The worker (``torchrun --nproc-per-node=TP
+worker_losses.py --out FILE``) gives each rank its vocabulary shard of the same random logits, runs every case of
+``CASES`` through ``student.losses`` and the reference, and writes, per case, the largest relative error of the
+forward values and of the input gradient over all ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+K = 6
+N = 14
+VOCAB = 64
+
+
+# ---------------------------------------------------------------- references (dense, float64, per row) ----------
+def _row_teacher(ids: torch.Tensor, logp: torch.Tensor) -> tuple[list[int], torch.Tensor, float]:
+    keep = [j for j in range(len(ids)) if ids[j] >= 0 and math.isfinite(float(logp[j]))]
+    p = logp[keep].double().exp()
+    return [int(ids[j]) for j in keep], p, max(0.0, 1.0 - float(p.sum()))
+
+
+def _log_tail(logq: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """log of the student's mass outside ``ids``, as a log-sum-exp over the other entries."""
+    others = torch.ones(logq.shape[0], dtype=torch.bool)
+    others[ids] = False
+    return torch.logsumexp(logq[others], dim=0)
+
+
+def ref_soft(z: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, tail: str, tau: float) -> torch.Tensor:
+    """Per-row ``τ²·(−Σ_j w~_j log q^τ_{t_j} − r~ log(1 − Σ_j q^τ_{t_j}))`` with the teacher's bins tempered."""
+    rows = []
+    for i in range(z.shape[0]):
+        logq = F.log_softmax(z[i].double() / tau, dim=0)
+        t, p, r = _row_teacher(ids[i], logp[i])
+        bins = p if tail == "renormalize" else torch.cat([p, torch.tensor([r], dtype=torch.float64)])
+        tempered = bins ** (1.0 / tau)
+        tempered = tempered / tempered.sum() if tempered.sum() > 0 else tempered
+        loss = -(tempered[: len(t)] * logq[t]).sum()
+        if tail == "tail_bucket" and tempered[-1] > 0:
+            loss = loss - tempered[-1] * _log_tail(logq, t)
+        rows.append(tau * tau * loss)
+    return torch.stack(rows)
+
+
+def ref_hard(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return torch.stack([-F.log_softmax(z[i].double(), 0)[labels[i]] for i in range(z.shape[0])])
+
+
+def ref_mse(z: torch.Tensor, ids: torch.Tensor, teacher_logits: torch.Tensor, center: bool) -> torch.Tensor:
+    rows = []
+    for i in range(z.shape[0]):
+        keep = [
+            j for j in range(ids.shape[1]) if ids[i, j] >= 0 and math.isfinite(float(teacher_logits[i, j]))
+        ]
+        if not keep:
+            rows.append(z[i, 0].double() * 0.0)
+            continue
+        diff = z[i, ids[i, keep]].double() - teacher_logits[i, keep].double()
+        if center:
+            diff = diff - diff.mean()
+        rows.append((diff**2).mean())
+    return torch.stack(rows)
+
+
+def ref_metrics(z: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor) -> dict[str, torch.Tensor]:
+    """KL(teacher‖student) and teacher entropy over the k+1 bins, top-1 agreement, at τ = 1."""
+    kl, ent, agree = [], [], []
+    for i in range(z.shape[0]):
+        logq = F.log_softmax(z[i].double(), 0)
+        t, p, r = _row_teacher(ids[i], logp[i])
+        lp = p.log()
+        k_i = (p * (lp - logq[t])).sum()
+        h_i = -(p * lp).sum()
+        if r > 0:
+            k_i = k_i + r * (math.log(r) - _log_tail(logq, t))
+            h_i = h_i - r * math.log(r)
+        kl.append(k_i)
+        ent.append(h_i)
+        top1 = t[int(torch.argmax(p))] if t else -1
+        agree.append(float(t != [] and z[i, top1] == z[i].max()))
+    return {
+        "kl": torch.stack(kl).detach(),
+        "teacher_entropy": torch.stack(ent).detach(),
+        "agree": torch.tensor(agree),
+    }
+
+
+def ref_distill(
+    z: torch.Tensor, batch: dict[str, torch.Tensor], s: dict
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over contributing tokens of the configured per-token loss, and the metric sums."""
+    has_loss = batch["loss_mask"] > 0
+    soft = batch["soft_mask"] & has_loss
+    ce = ref_hard(z, batch["labels"])
+    if s["kind"] == "hard":
+        per_token, contributing = ce, has_loss
+    else:
+        fallback = has_loss & ~soft if s["no_teacher"] == "hard" else torch.zeros_like(has_loss)
+        contributing = soft | fallback
+        if s["kind"] == "soft":
+            teacher = ref_soft(z, batch["topk_ids"], batch["topk_logprobs"], s["tail"], s["temperature"])
+        else:
+            teacher = ref_mse(z, batch["topk_ids"], batch["topk_logits"], s.get("mse_center", True))
+        per_token = torch.where(soft, s["alpha"] * teacher + (1 - s["alpha"]) * ce, ce)
+    loss = per_token[contributing].sum() / max(int(contributing.sum()), 1)
+    m = ref_metrics(z, batch["topk_ids"], batch["topk_logprobs"])
+    metrics = {
+        "tokens": float(contributing.sum()),
+        "soft_tokens": float(soft.sum()),
+        "hard_ce_sum": float(ce[contributing].sum()),
+        "kl_sum": float(m["kl"][soft].sum()),
+        "teacher_entropy_sum": float(m["teacher_entropy"][soft].sum()),
+        "top1_agree_sum": float(m["agree"][soft].sum()),
+    }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------- data -------------------------------------------
+def make_batch(seed: int = 0, rows: int = N, vocab: int = VOCAB, k: int = K) -> tuple[torch.Tensor, dict]:
+    """Random student logits and a teacher top-k with W < 1, a varying k (-1 / -inf pads) and masks."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 2.0
+    teacher = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3.0
+    z[::2] = teacher[::2] + torch.randn(z[::2].shape, generator=g, dtype=torch.float64)  # some top-1 agree
+    logp_full = F.log_softmax(teacher, dim=-1)
+    ids = teacher.topk(k, dim=-1).indices
+    logits = teacher.gather(-1, ids)
+    logprobs = logp_full.gather(-1, ids)
+    ids = ids[:, torch.randperm(k, generator=g)]  # teacher order need not be sorted
+    logprobs, logits = logp_full.gather(-1, ids), teacher.gather(-1, ids)
+    counts = torch.randint(0, k + 1, (rows,), generator=g)
+    counts[:3] = torch.tensor([k, 1, 0])
+    pad = torch.arange(k).unsqueeze(0) >= counts.unsqueeze(1)
+    ids = ids.masked_fill(pad, -1)
+    logprobs = logprobs.masked_fill(pad, float("-inf"))
+    logits = logits.masked_fill(pad, float("-inf"))
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    loss_mask = (torch.rand(rows, generator=g) > 0.2).float()
+    loss_mask[:3] = 1.0
+    soft_mask = (counts > 0) & (torch.rand(rows, generator=g) > 0.15)
+    batch = {
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "soft_mask": soft_mask,
+        "topk_ids": ids,
+        "topk_logprobs": logprobs.float().double(),
+        "topk_logits": logits,
+    }
+    return z, batch
+
+
+# ---------------------------------------------------------------- worker -----------------------------------------
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest reference magnitude."""
+    ours, ref = ours.detach().double(), ref.detach().double()
+    return float((ours - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+
+
+def _cases() -> dict[str, tuple[Callable, Callable]]:
+    """name -> (ours(shard, full_batch) -> value, reference(full_logits, full_batch) -> value)."""
+    from student.losses import distillation_loss, hard_cross_entropy, logit_mse, soft_cross_entropy
+    from student.settings import LossSettings
+
+    cases: dict[str, tuple[Callable, Callable]] = {}
+    for tail in ("none", "renormalize", "tail_bucket"):
+        for tau in (1.0, 0.7, 2.5):
+            cases[f"soft-{tail}-tau{tau}"] = (
+                lambda zs, b, tail=tail, tau=tau: soft_cross_entropy(
+                    zs, b["topk_ids"], b["topk_logprobs"], tail=tail, temperature=tau
+                ),
+                lambda z, b, tail=tail, tau=tau: ref_soft(z, b["topk_ids"], b["topk_logprobs"], tail, tau),
+            )
+    cases["hard-megatron"] = (
+        lambda zs, b: hard_cross_entropy(zs, b["labels"]),
+        lambda z, b: ref_hard(z, b["labels"]),
+    )
+    for center in (True, False):
+        cases[f"mse-center{center}"] = (
+            lambda zs, b, c=center: logit_mse(zs, b["topk_ids"], b["topk_logits"], center=c),
+            lambda z, b, c=center: ref_mse(z, b["topk_ids"], b["topk_logits"], c),
+        )
+    for name, s in DISTILL_SETTINGS.items():
+        cases[f"distill-{name}"] = (
+            lambda zs, b, s=s: distillation_loss(zs, b, LossSettings(**s)),
+            lambda z, b, s=s: ref_distill(z, b, s),
+        )
+    return cases
+
+
+DISTILL_SETTINGS: dict[str, dict] = {
+    "soft-tailbucket-mix-tau2-fallback": dict(
+        kind="soft", tail="tail_bucket", alpha=0.6, temperature=2.0, no_teacher="hard"
+    ),
+    "soft-renormalize-mask": dict(
+        kind="soft", tail="renormalize", alpha=1.0, temperature=1.0, no_teacher="mask"
+    ),
+    "soft-none-mix-tau0.5-mask": dict(
+        kind="soft", tail="none", alpha=0.3, temperature=0.5, no_teacher="mask"
+    ),
+    "hard": dict(kind="hard", tail="tail_bucket", alpha=1.0, temperature=1.0, no_teacher="hard"),
+    "mse-mix-fallback": dict(kind="mse", tail="none", alpha=0.5, temperature=1.0, no_teacher="hard"),
+}
+
+
+def _shard(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    width = full.shape[-1] // world
+    return full[..., rank * width : (rank + 1) * width]
+
+
+def run_case(ours: Callable, ref: Callable, z: torch.Tensor, batch: dict, rank: int, world: int) -> dict:
+    """Forward values and the input gradient of ``sum(loss · g)`` (random g) against the reference."""
+    leaf = _shard(z, rank, world).clone().requires_grad_()
+    out = ours(leaf.clone(), batch)
+    value, metrics = out if isinstance(out, tuple) else (out, None)
+    full = z.clone().requires_grad_()
+    ref_out = ref(full, batch)
+    ref_value, ref_metrics_ = ref_out if isinstance(ref_out, tuple) else (ref_out, None)
+    g = torch.linspace(0.5, 1.5, value.numel(), dtype=torch.float64).view_as(ref_value)
+    (value * g).sum().backward()
+    (ref_value * g).sum().backward()
+    errors = {
+        "forward": rel_err(value, ref_value),
+        "grad": rel_err(leaf.grad, _shard(full.grad, rank, world)),
+    }
+    if metrics is not None:
+        for key, expected in ref_metrics_.items():
+            errors[key] = abs(float(metrics[key]) - expected) / max(abs(expected), 1e-30)
+    return errors
+
+
+def _gradcheck(rank: int, world: int) -> bool:
+    """gradcheck of soft CE (tail bucket, τ != 1) and the α-mixed loss through the full logits.
+
+    Each rank takes its shard of the same full input; the backward all-reduces the shard gradients into the
+    full gradient, so every rank's numerical and analytical Jacobians are of the same function.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from student.losses import distillation_loss, soft_cross_entropy
+    from student.settings import LossSettings
+
+    class ToShard(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, full):
+            ctx.shape = full.shape
+            return _shard(full, rank, world).clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            out = grad.new_zeros(ctx.shape)
+            _shard(out, rank, world).copy_(grad)
+            if world > 1:
+                dist.all_reduce(out, group=parallel_state.get_tensor_model_parallel_group())
+            return out
+
+    z, batch = make_batch(seed=7, rows=4, vocab=8, k=3)
+    settings = LossSettings(kind="soft", tail="tail_bucket", alpha=0.7, temperature=1.6, no_teacher="hard")
+    soft_ok = torch.autograd.gradcheck(
+        lambda full: soft_cross_entropy(
+            ToShard.apply(full),
+            batch["topk_ids"],
+            batch["topk_logprobs"],
+            tail="tail_bucket",
+            temperature=1.6,
+            inplace=False,
+        ),
+        (z.clone().requires_grad_(),),
+    )
+    mixed_ok = torch.autograd.gradcheck(
+        lambda full: distillation_loss(ToShard.apply(full), batch, settings, inplace=False)[0],
+        (z.clone().requires_grad_(),),
+    )
+    return bool(soft_ok and mixed_ok)
+
+
+def _seed_gradient_gap(rank: int, world: int) -> dict[str, float]:
+    """Our gradient vs the reference and vs the seed's ``softmax − w`` (tail none, W < 1)."""
+    from student.losses import soft_cross_entropy
+
+    z, batch = make_batch(seed=3)
+    ids, logp = batch["topk_ids"], batch["topk_logprobs"]
+    leaf = _shard(z, rank, world).clone().requires_grad_()
+    soft_cross_entropy(leaf.clone(), ids, logp, tail="none").sum().backward()
+    seed = F.softmax(z, dim=-1)
+    w = torch.where(ids >= 0, logp.exp(), 0.0)
+    seed.scatter_add_(-1, ids.clamp(min=0), -w)
+    full = z.clone().requires_grad_()
+    ref_soft(full, ids, logp, "none", 1.0).sum().backward()
+    return {
+        "ours_vs_reference": rel_err(leaf.grad, _shard(full.grad, rank, world)),
+        "ours_vs_seed": rel_err(leaf.grad, _shard(seed, rank, world)),
+        "min_topk_mass": float(w.sum(-1)[w.sum(-1) > 0].min()),
+    }
+
+
+def _k1_equals_hard(rank: int, world: int) -> dict[str, float]:
+    """k = 1 with weight 1 (log-prob 0) at the label: soft CE (every tail) equals megatron-core's hard CE."""
+    from student.losses import hard_cross_entropy, soft_cross_entropy
+
+    z, batch = make_batch(seed=5)
+    labels = batch["labels"]
+    ids, logp = labels.unsqueeze(-1), torch.zeros(labels.shape[0], 1, dtype=torch.float64)
+    shard = _shard(z, rank, world)
+    hard_leaf = shard.clone().requires_grad_()
+    hard = hard_cross_entropy(hard_leaf.clone(), labels)
+    hard.sum().backward()
+    errors = {}
+    for tail in ("none", "renormalize", "tail_bucket"):
+        leaf = shard.clone().requires_grad_()
+        soft = soft_cross_entropy(leaf.clone(), ids, logp, tail=tail)
+        soft.sum().backward()
+        errors[tail] = max(rel_err(soft, hard), rel_err(leaf.grad, hard_leaf.grad))
+    return errors
+
+
+def main() -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    z, batch = make_batch(seed=0)
+    results: dict[str, dict[str, float]] = {}
+    for name, (ours, ref) in _cases().items():
+        results[name] = run_case(ours, ref, z, batch, rank, world)
+    results["seed-gradient"] = _seed_gradient_gap(rank, world)
+    results["k1-equals-hard"] = _k1_equals_hard(rank, world)
+    results["gradcheck"] = {"passed": float(_gradcheck(rank, world))}
+    # every rank's errors; keep the worst (and the lowest gradcheck verdict) over ranks
+    flat = [(case, key) for case in sorted(results) for key in sorted(results[case])]
+    values = torch.tensor([results[c][k] * (-1 if k in ("passed", "ours_vs_seed") else 1) for c, k in flat])
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    for (case, key), value in zip(flat, values.tolist(), strict=True):
+        results[case][key] = -value if key in ("passed", "ours_vs_seed") else value
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump({"tp": world, "results": results}, f, indent=1)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

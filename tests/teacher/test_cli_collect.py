@@ -1,0 +1,123 @@
+"""``distill collect`` as a real process: SIGKILLed midway and re-run, it ends with exactly the fault-free dataset
+and does not ask the teacher again for what was stored; the planted API key appears in no output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from storage.catalog import Catalog
+from storage.shards import shard_dir
+from tests.support import PYTHON, run_bounded, test_env
+from tests.teacher.conftest import (
+    PLANTED_KEY,
+    PROMPTS,
+    Teacher,
+    assert_same_dataset,
+    fault_proxy,
+    stored_records,
+)
+
+ITEMS = [f"{p} #{i}" for i in range(3) for p in PROMPTS]  # 24 distinct texts
+
+
+def write_setup(folder: Path, teacher: Teacher, texts: list[str], **teacher_keys) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = folder / "inputs.jsonl"
+    inputs.write_text("".join(json.dumps({"prompt": t}, ensure_ascii=False) + "\n" for t in texts), "utf-8")
+    keys = {"model": "local-teacher", "mode": "score", "score_api": "echo", "top_k": 4, "concurrency": 2}
+    keys |= {"tokenizer_path": str(teacher.tokenizer_path), **teacher_keys}
+    lines = ["[corpus]", 'source = "files"', f"paths = [{json.dumps(str(inputs))}]", "[teacher]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in keys.items()]
+    lines += ["[storage]", f"data_dir = {json.dumps(str(folder / 'data'))}", "shard_max_records = 3"]
+    config = folder / "distill.toml"
+    config.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return config
+
+
+def distill_collect(config: Path, base_url: str, *extra: str) -> list[str]:
+    return [
+        PYTHON,
+        "-m",
+        "pipeline.cli",
+        *extra,
+        "collect",
+        str(config),
+        "--base-url",
+        base_url,
+        "--no-progress",
+    ]
+
+
+def key_env() -> dict[str, str]:
+    return test_env(OPENAI_API_KEY=PLANTED_KEY)
+
+
+def test_sigkill_then_rerun_gives_the_fault_free_dataset(teacher: Teacher, tmp_path: Path) -> None:
+    reference = write_setup(tmp_path / "reference", teacher, ITEMS)
+    done = run_bounded(distill_collect(reference, teacher.base_url), timeout=180, env=key_env())
+    assert done.returncode == 0, done.stdout
+
+    config = write_setup(tmp_path / "killed", teacher, ITEMS)
+    shards = shard_dir(tmp_path / "killed" / "data")
+    with fault_proxy(teacher.origin, {"latency_s": 0.3}) as proxy:
+        proc = subprocess.Popen(
+            distill_collect(config, proxy.base_url), env=key_env(), start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while (
+                len(list(shards.glob("*.parquet"))) < 2
+                and proc.poll() is None
+                and time.monotonic() < deadline
+            ):
+                time.sleep(0.05)
+            assert proc.poll() is None, "the collector finished before it could be killed"
+            os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=30)
+        asked_first = proxy.stats()["forwarded_prompts"]
+    before = stored_records(tmp_path / "killed" / "data")
+    stored_texts = {r.text for r in before}
+    assert 6 <= len(before) < len(ITEMS) and len(asked_first) < len(ITEMS)
+
+    with fault_proxy(teacher.origin, {}) as proxy:
+        rerun = run_bounded(distill_collect(config, proxy.base_url), timeout=180, env=key_env())
+        asked_again = proxy.stats()["forwarded_prompts"]
+    assert rerun.returncode == 0, rerun.stdout
+    assert f"already stored {len(before)}" in rerun.stdout
+    # The teacher is asked once for each missing text, and never for a stored one.
+    assert sorted(asked_again) == sorted(set(ITEMS) - stored_texts)
+
+    after = stored_records(tmp_path / "killed" / "data")
+    assert_same_dataset(stored_records(tmp_path / "reference" / "data"), after)
+    with Catalog(tmp_path / "killed" / "data") as catalog:
+        assert len(catalog.existing_sample_ids("local-teacher")) == len(ITEMS)
+
+
+def test_planted_key_never_leaks(teacher: Teacher, tmp_path: Path) -> None:
+    texts = [*PROMPTS[:3], "XPOISON always fails"]
+    config = write_setup(tmp_path, teacher, texts, max_retries=1)
+    with fault_proxy(teacher.origin, {"match": {"XPOISON": "500"}}) as proxy:
+        done = run_bounded(distill_collect(config, proxy.base_url, "--verbose"), timeout=180, env=key_env())
+    assert done.returncode == 1, done.stdout  # one request failed for good
+    assert "failed 1" in done.stdout and "injected 500" in done.stdout
+    with Catalog(tmp_path / "data") as catalog:
+        (failure,) = catalog.failures()
+    assert "injected 500" in failure[1]
+    assert PLANTED_KEY not in done.stdout
+    assert PLANTED_KEY not in "\n".join(teacher.server.output)
+    files = [p for p in (tmp_path / "data").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".parquet" for p in files) and any(p.suffix == ".duckdb" for p in files)
+    for path in files:
+        assert PLANTED_KEY.encode() not in path.read_bytes(), path
+    # A wrong key is refused (the server does require the planted one).
+    denied = run_bounded(
+        distill_collect(config, teacher.base_url), timeout=180, env=test_env(OPENAI_API_KEY="sk-wrong-key")
+    )
+    assert denied.returncode == 1 and "401" in denied.stdout
