@@ -80,7 +80,7 @@ class _Throttle:
     """Pass through real lines; let a carriage-return progress update through at most every ``interval`` s."""
 
     def __init__(self, emit: Callable[[str], None], interval: float) -> None:
-        self.emit, self.interval, self.last = emit, interval, 0.0
+        self.emit, self.interval, self.last = emit, interval, float("-inf")
         self.pending: str | None = None
 
     def progress(self, text: str) -> None:

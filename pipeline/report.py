@@ -14,8 +14,9 @@ Public API:
   URI, for a Prefect markdown artifact.
 - ``compare_runs(run_a, run_b) -> str``: Markdown comparing two runs' ``metrics.json`` (``distill report
   compare``).
-- ``append_eval_results(catalog_db, run_id, metrics)``: appends one row per (model, metric) to the table
-  ``eval_results`` of a DuckDB database (created if missing), so runs compare over time with SQL::
+- ``append_eval_results(catalog, run_id, metrics)``: appends one row per (model, metric) to the table
+  ``eval_results`` of a DuckDB database (a path, or the open connection of ``storage.catalog.Catalog``), so
+  runs compare over time with SQL::
 
       SELECT run_id, model, value, ci_low, ci_high FROM eval_results WHERE metric = 'kl_teacher_student'
 
@@ -105,12 +106,13 @@ def load_metrics(path: Path) -> dict[str, Any]:
 
 
 def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """``{"train": [(step, loss)], "val": [(step, loss)]}`` from a training ``metrics.jsonl``.
+    """``{"train": [(step, loss)], "val": [...], "val_hard_ce": [...]}`` from a training ``metrics.jsonl``.
 
-    Each line is one JSON object with ``step`` and ``train_loss`` and/or ``val_loss``
-    (the training entry point's log); other keys are ignored.
+    Each line is one JSON object of ``student.train``'s log: ``step``, ``split`` (train | val), ``loss`` (the
+    student's own objective: soft CE for a soft student) and ``hard_ce``; other keys are ignored. The
+    validation hard CE is the curve that compares across students.
     """
-    curves: dict[str, list[tuple[int, float]]] = {"train": [], "val": []}
+    curves: dict[str, list[tuple[int, float]]] = {"train": [], "val": [], "val_hard_ce": []}
     for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -118,10 +120,13 @@ def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ReportError(f"{path}:{number}: not valid JSON: {exc}") from None
-        for split in curves:
-            value = row.get(f"{split}_loss")
-            if value is not None and "step" in row:
-                curves[split].append((int(row["step"]), float(value)))
+        split, step = row.get("split"), row.get("step")
+        if split not in ("train", "val") or step is None:
+            continue
+        if row.get("loss") is not None:
+            curves[split].append((int(step), float(row["loss"])))
+        if split == "val" and row.get("hard_ce") is not None:
+            curves["val_hard_ce"].append((int(step), float(row["hard_ce"])))
     return curves
 
 
@@ -165,26 +170,32 @@ def _load_inputs(
 
 
 def plot_curves(curves: Mapping[str, Mapping[str, list[tuple[int, float]]]]) -> bytes:
-    """PNG of training (solid) and validation (dashed, dots) loss per step, every model on the same axes."""
+    """PNG, two panels sharing the step axis, every model in its own color: left, each student's own objective
+    (train solid, validation dashed); right, validation hard CE (the same quantity for every student)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=100, sharex=True)
     for index, (name, curve) in enumerate(curves.items()):
         color = f"C{index}"
-        if curve.get("train"):
-            steps, values = zip(*curve["train"], strict=True)
-            ax.plot(steps, values, color=color, lw=1.2, label=f"{name} train (its objective)")
-        if curve.get("val"):
-            steps, values = zip(*curve["val"], strict=True)
-            ax.plot(steps, values, color=color, lw=1.6, ls="--", marker="o", ms=3, label=f"{name} val")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("Training curves")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        for axis, key, style, label in (
+            (left, "train", {"lw": 1.0}, f"{name} train"),
+            (left, "val", {"lw": 1.6, "ls": "--", "marker": "o", "ms": 3}, f"{name} val"),
+            (right, "val_hard_ce", {"lw": 1.6, "marker": "o", "ms": 3}, f"{name} val hard CE"),
+        ):
+            if curve.get(key):
+                steps, values = zip(*curve[key], strict=True)
+                axis.plot(steps, values, color=color, label=label, **style)
+    left.set_title("Loss per step (each student's own objective)")
+    right.set_title("Validation hard CE (comparable across students)")
+    for axis in (left, right):
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("nats / token")
+        axis.grid(alpha=0.3)
+        if axis.lines:
+            axis.legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
@@ -394,7 +405,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _plot_for(curves: Mapping[str, Path]) -> bytes | None:
     loaded = {name: read_curves(path) for name, path in curves.items()}
-    if not any(c["train"] or c["val"] for c in loaded.values()):
+    if not any(any(c.values()) for c in loaded.values()):
         return None
     return plot_curves(loaded)
 
@@ -468,10 +479,13 @@ def compare_runs(run_a: Path, run_b: Path) -> str:
     )
 
 
-def append_eval_results(catalog_db: Path, run_id: str, metrics: Mapping[str, Any]) -> int:
-    """Append one row per (model, metric) to ``eval_results`` in the DuckDB file; returns the rows written.
+def append_eval_results(catalog: Path | Any, run_id: str, metrics: Mapping[str, Any]) -> int:
+    """Append one row per (model, metric) to ``eval_results``; returns the rows written.
 
-    A run's rows are replaced when it is recorded again (same ``run_id``), in one transaction.
+    ``catalog`` is a DuckDB file (e.g. ``storage.catalog``'s ``<data_dir>/catalog.duckdb``) or an open DuckDB
+    connection (``Catalog(...).con``: DuckDB locks the file, so the process that holds the catalog passes its
+    connection). The table is created if missing; a run recorded again has its rows replaced, in one
+    transaction. The rows can always be rebuilt from the runs' ``metrics.json``.
     """
     import duckdb
 
@@ -493,7 +507,8 @@ def append_eval_results(catalog_db: Path, run_id: str, metrics: Mapping[str, Any
         for key in METRIC_LABELS
         if key in metrics[model]
     ]
-    con = duckdb.connect(str(catalog_db))
+    own = not isinstance(catalog, duckdb.DuckDBPyConnection)
+    con = duckdb.connect(str(catalog)) if own else catalog
     try:
         con.execute(
             """CREATE TABLE IF NOT EXISTS eval_results (
@@ -502,13 +517,18 @@ def append_eval_results(catalog_db: Path, run_id: str, metrics: Mapping[str, Any
                 recorded_at TIMESTAMP DEFAULT current_timestamp)"""
         )
         con.execute("BEGIN TRANSACTION")
-        con.execute("DELETE FROM eval_results WHERE run_id = ?", [run_id])
-        con.executemany(
-            "INSERT INTO eval_results (run_id, model, role, metric, value, ci_low, ci_high, held_out_tokens, "
-            "held_out_sequences, snapshot_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        con.execute("COMMIT")
+        try:
+            con.execute("DELETE FROM eval_results WHERE run_id = ?", [run_id])
+            con.executemany(
+                "INSERT INTO eval_results (run_id, model, role, metric, value, ci_low, ci_high, "
+                "held_out_tokens, held_out_sequences, snapshot_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
     finally:
-        con.close()
+        if own:
+            con.close()
     return len(rows)

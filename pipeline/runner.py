@@ -19,6 +19,10 @@ from pipeline.config import ConfigError, DistillConfig
 from pipeline.launch import quiet_known_warnings
 
 
+class StageError(RuntimeError):
+    """A stage failed; the message names the stage and carries the cause (chained as ``__cause__``)."""
+
+
 class Executor(Protocol):
     def run(self, spec: StageSpec) -> StageResult: ...
 
@@ -34,7 +38,10 @@ class LocalExecutor:
     results: list[StageResult] = field(default_factory=list)
 
     def run(self, spec: StageSpec) -> StageResult:
-        result = run_stage(spec, self.work_dir)
+        try:
+            result = run_stage(spec, self.work_dir)
+        except Exception as exc:
+            raise StageError(f"stage {spec.name} failed: {exc}") from exc
         self.results.append(result)
         self.announce(result)
         return result
@@ -74,6 +81,13 @@ def preflight(config: DistillConfig) -> None:
         raise ConfigError(f"tokenizer.path: {config.tokenizer.path} not found")
     if not config.students:
         raise ConfigError("students: at least one student is needed (e.g. [students.soft] kind = 'soft')")
+    if teacher.base_url == "local":
+        heads, tp = config.bootstrap.model.num_attention_heads, config.train.tensor_parallel
+        if heads % tp:
+            raise ConfigError(
+                f"bootstrap.model.num_attention_heads ({heads}) must be divisible by train.tensor_parallel ({tp}): "
+                "the local teacher is evaluated beside the students at their TP size"
+            )
     for section, model, train in (
         ("model/train", config.model, config.train),
         ("bootstrap.model/bootstrap.train", config.bootstrap.model, config.bootstrap.train),

@@ -305,6 +305,7 @@ def collect(
         from storage.catalog import Catalog
         from storage.records import SPLITS, sample_id
         from storage.shards import ShardWriter, shard_dir
+        from teacher.collect import CollectResult
         from teacher.collect import collect as ask_teacher
 
         items = read_items(corpus_result.file("samples.jsonl"))
@@ -333,8 +334,11 @@ def collect(
                 done += len(records)
                 ctx.report_progress("collect", 100.0 * done / max(todo, 1))
 
-            with _teacher_endpoint(ctx, checkpoint, name) as (base_url, api_key):
-                result = ask_teacher(items, settings, base_url, api_key, stored, sink, resolve=resolve)
+            if todo == 0:  # nothing new: no server to start, no request to make
+                base_url, result = settings.base_url, CollectResult(skipped=len(items))
+            else:
+                with _teacher_endpoint(ctx, checkpoint, name) as (base_url, api_key):
+                    result = ask_teacher(items, settings, base_url, api_key, stored, sink, resolve=resolve)
             writer.close()
             catalog.record_failures([(f.sample_id, f.reason) for f in result.failures])
             selection = {
@@ -485,17 +489,32 @@ def evaluate(
     teacher_ckpt = teacher_checkpoint(config, teacher_result)
 
     def build(out: Path, resume: bool) -> dict[str, Any]:
+        models = {
+            name: {
+                "checkpoint": str(r.file(r.info["checkpoint"])),
+                "role": "student",
+                "train_log": str(r.file(r.info["train_log"])),
+            }
+            for name, r in students.items()
+        }
+        if teacher_ckpt is not None:
+            log = (
+                teacher_result.file(teacher_result.info["train_log"]) if teacher_result is not None else None
+            )
+            models["teacher"] = {
+                "checkpoint": str(teacher_ckpt),
+                "role": "teacher",
+                "train_log": log and str(log),
+            }
         spec = {
-            "models": {name: str(r.file(r.info["checkpoint"])) for name, r in students.items()},
-            "train_logs": {name: str(r.file(r.info["train_log"])) for name, r in students.items()},
-            "teacher": str(teacher_ckpt) if teacher_ckpt is not None else None,
+            **config.evaluate.model_dump(mode="json"),
+            "data": str(snapshot_result.file("test.json")),
             "tokenizer": str(tok_result.file("tokenizer.json")),
-            "test_data": str(snapshot_result.file("test.json")),
-            "evaluate": config.evaluate.model_dump(mode="json"),
-            "seq_length": config.model.seq_length,
-            "micro_batch_size": config.train.micro_batch_size,
-            "seed": config.run.seed,
+            "models": models,
             "out": str(out / "metrics.json"),
+            "tensor_parallel": config.train.tensor_parallel,
+            "seq_length": config.model.seq_length,
+            "seed": config.run.seed,
         }
         spec_path = _write_json(out / "evaluate_spec.json", spec)
         _torchrun(ctx, config.train.tensor_parallel, EVALUATE_MODULE, spec_path, "evaluate")

@@ -126,6 +126,16 @@ def encode_q16(logprob: np.ndarray, k: np.ndarray, params: Q16Params) -> tuple[n
 def decode_q16(deltas: np.ndarray, tail: np.ndarray, k: np.ndarray, params: Q16Params) -> np.ndarray:
     """Inverse of ``encode_q16``: float32 logprobs [E] whose k+1 bins (with the tail) sum to exactly 1."""
     logprob_table, prob_table = code_tables(params)
+    tail_codes = tail.astype(np.int64)
+    tail_prob = np.where(
+        tail_codes == TAIL_NONE, 0.0, prob_table[np.minimum(tail_codes, len(prob_table) - 1)]
+    )
+    if len(k) and k.min() == k.max() and k[0] > 0:  # fixed k (the usual case): work on a [P, k] view
+        codes = np.cumsum(deltas.reshape(len(k), int(k[0])), axis=1, dtype=np.int32)
+        total = prob_table.astype(np.float32)[codes].sum(axis=1, dtype=np.float64) + tail_prob
+        logprobs = logprob_table.astype(np.float32)[codes]
+        logprobs -= np.log(total).astype(np.float32)[:, None]
+        return logprobs.ravel()
     seg = segment_ids(k)
     running = np.cumsum(deltas, dtype=np.int64)
     starts = segment_starts(k)[:-1]

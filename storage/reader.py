@@ -30,7 +30,7 @@ import torch
 
 from storage.codec import concat_ranges, segment_ids, segment_starts
 from storage.records import TokenMap
-from storage.schema import META_HAS_LOGITS, META_MAX_K, ShardArrays
+from storage.schema import META_HAS_LOGITS, META_MAX_K, TOKEN_COLUMNS, TOPK_COLUMNS, ShardArrays
 from storage.shards import read_shard_arrays
 from storage.snapshot import Snapshot, load_snapshot
 
@@ -83,50 +83,63 @@ class Coverage:
 
 @dataclass
 class _Docs:
-    """Documents in the student's vocabulary: tokens with their (variable) top-k entries."""
+    """Documents in the student's vocabulary: tokens, each with ``k`` top-k entries from ``entry_start`` on.
 
-    doc_offsets: np.ndarray  # [D + 1] into tokens
+    Reordering documents only reorders the per-token arrays; the entries stay where they were decoded.
+    """
+
+    doc_offsets: np.ndarray  # [D + 1] into the tokens
     tokens: np.ndarray  # int64 [L]
-    entry_offsets: np.ndarray  # [L + 1] into the entries
+    k: np.ndarray  # int64 [L]
+    entry_start: np.ndarray  # int64 [L]
     ids: np.ndarray  # int64 [E] student ids
     logprobs: np.ndarray  # float32 [E]
     logits: np.ndarray | None = None  # float32 [E]
 
-    @property
-    def k(self) -> np.ndarray:
-        return np.diff(self.entry_offsets)
-
     def take(self, order: np.ndarray) -> _Docs:
         lengths = np.diff(self.doc_offsets)[order]
-        token_index = concat_ranges(self.doc_offsets[:-1][order], lengths)
-        k = self.k[token_index]
-        entry_index = concat_ranges(self.entry_offsets[:-1][token_index], k)
+        index = concat_ranges(self.doc_offsets[:-1][order], lengths)
         return _Docs(
             segment_starts(lengths),
-            self.tokens[token_index],
-            segment_starts(k),
-            self.ids[entry_index],
-            self.logprobs[entry_index],
-            None if self.logits is None else self.logits[entry_index],
+            self.tokens[index],
+            self.k[index],
+            self.entry_start[index],
+            self.ids,
+            self.logprobs,
+            self.logits,
+        )
+
+    def tail(self, start: int) -> _Docs:
+        """Tokens from ``start`` on, as one document, with their entries copied compactly."""
+        k = self.k[start:]
+        index = concat_ranges(self.entry_start[start:], k)
+        return _Docs(
+            np.array([0, len(k)]),
+            self.tokens[start:],
+            k,
+            segment_starts(k)[:-1],
+            self.ids[index],
+            self.logprobs[index],
+            None if self.logits is None else self.logits[index],
         )
 
     @staticmethod
     def concat(parts: list[_Docs], with_logits: bool) -> _Docs:
-        def offsets(name: str) -> np.ndarray:
-            pieces, base = [np.zeros(1, np.int64)], 0
-            for p in parts:
-                o = getattr(p, name)
-                pieces.append(o[1:] + base)
-                base += int(o[-1])
-            return np.concatenate(pieces)
+        doc_offsets, starts, doc_base, entry_base = [np.zeros(1, np.int64)], [], 0, 0
+        for p in parts:
+            doc_offsets.append(p.doc_offsets[1:] + doc_base)
+            starts.append(p.entry_start + entry_base)
+            doc_base += len(p.tokens)
+            entry_base += len(p.ids)
 
         def logits(p: _Docs) -> np.ndarray:
             return p.logits if p.logits is not None else np.full(len(p.ids), np.nan, np.float32)
 
         return _Docs(
-            offsets("doc_offsets"),
+            np.concatenate(doc_offsets),
             np.concatenate([p.tokens for p in parts]),
-            offsets("entry_offsets"),
+            np.concatenate([p.k for p in parts]),
+            np.concatenate(starts),
             np.concatenate([p.ids for p in parts]),
             np.concatenate([p.logprobs for p in parts]),
             np.concatenate([logits(p) for p in parts]) if with_logits else None,
@@ -140,12 +153,31 @@ def _spelling_table(token_map: TokenMap) -> tuple[np.ndarray, np.ndarray]:
         if token_map.single[t] < 0:
             lengths[t] = len(pieces)
     offsets = segment_starts(lengths)
-    values = token_map.single.astype(np.int64).copy()
-    values = np.repeat(values, lengths)
+    values = np.repeat(token_map.single.astype(np.int64), lengths)
     for t, pieces in token_map.expand.items():
         if token_map.single[t] < 0:
             values[offsets[t] : offsets[t + 1]] = pieces
     return offsets, values
+
+
+def _map_candidates(shard: ShardArrays, single: np.ndarray, top_k: int, coverage: Coverage):
+    """Student ids of the top-k entries; unmappable ones dropped, at most ``top_k`` kept per position.
+
+    Returns (k, entry_start per position, ids, logprobs, logits)."""
+    k = shard.k
+    mapped = single[shard.topk_ids]
+    keep = mapped >= 0
+    kept = int(keep.sum())
+    coverage.kept += kept
+    coverage.dropped += len(mapped) - kept
+    if kept == len(mapped) and (len(k) == 0 or k.max() <= top_k):  # the common case: nothing to drop
+        return k, shard.entry_offsets[:-1], mapped, shard.topk_logprobs, shard.topk_logits
+    position = segment_ids(k)
+    kept_start = segment_starts(np.bincount(position[keep], minlength=len(k)))[:-1]
+    keep &= (np.cumsum(keep) - keep - kept_start[position]) < top_k
+    new_k = np.bincount(position[keep], minlength=len(k)).astype(np.int64)
+    logits = None if shard.topk_logits is None else shard.topk_logits[keep]
+    return new_k, segment_starts(new_k)[:-1], mapped[keep], shard.topk_logprobs[keep], logits
 
 
 def shard_to_docs(
@@ -161,36 +193,31 @@ def shard_to_docs(
         raise ValueError(
             f"{source}: map_vocab returned {len(token_map.single)} ids for {len(shard.vocab_bytes)} tokens"
         )
-    unmapped = np.flatnonzero(token_map.single[shard.tokens] < 0)
-    missing = {int(t) for t in np.unique(shard.tokens[unmapped]) if int(t) not in token_map.expand}
-    if missing:
-        sample = sorted(shard.vocab_bytes[t] for t in missing)[:5]
-        raise ValueError(f"{source}: teacher tokens with no student spelling: {sample}")
-
-    # top-k candidates: map, drop the unmappable, keep at most top_k per position
-    k = shard.k
-    mapped = token_map.single[shard.topk_ids]
-    keep = mapped >= 0
-    coverage.kept += int(keep.sum())
-    coverage.dropped += int((~keep).sum())
-    position = segment_ids(k)
-    kept_start = segment_starts(np.bincount(position[keep], minlength=len(k)))[:-1]
-    keep &= (np.cumsum(keep) - keep - kept_start[position]) < top_k
-    new_k = np.bincount(position[keep], minlength=len(k)).astype(np.int64)
+    single = np.asarray(token_map.single, dtype=np.int64)
+    k, entry_start, ids, logprobs, logits = _map_candidates(shard, single, top_k, coverage)
 
     # actual tokens: spell in student ids; the top-k stays on the first piece
-    spell_offsets, spell_values = _spelling_table(token_map)
-    piece_count = np.diff(spell_offsets)[shard.tokens]
-    coverage.expanded_tokens += int((piece_count > 1).sum())
-    tokens = spell_values[concat_ranges(spell_offsets[:-1][shard.tokens], piece_count)]
-    token_k = np.zeros(len(tokens), dtype=np.int64)
-    token_k[segment_starts(piece_count)[:-1]] = new_k
-
-    cumulative = segment_starts(piece_count)
-    row_lengths = cumulative[shard.row_offsets[1:]] - cumulative[shard.row_offsets[:-1]]
+    tokens = single[shard.tokens]
+    row_offsets = shard.row_offsets
+    unmapped = np.flatnonzero(tokens < 0)
+    if len(unmapped):
+        missing = {int(t) for t in np.unique(shard.tokens[unmapped]) if int(t) not in token_map.expand}
+        if missing:
+            sample = sorted(shard.vocab_bytes[t] for t in missing)[:5]
+            raise ValueError(f"{source}: teacher tokens with no student spelling: {sample}")
+        spell_offsets, spell_values = _spelling_table(token_map)
+        pieces = np.diff(spell_offsets)[shard.tokens]
+        coverage.expanded_tokens += int((pieces > 1).sum())
+        tokens = spell_values[concat_ranges(spell_offsets[:-1][shard.tokens], pieces)]
+        first = segment_starts(pieces)
+        spread_k = np.zeros(len(tokens), dtype=np.int64)
+        spread_k[first[:-1]] = k
+        spread_start = np.zeros(len(tokens), dtype=np.int64)
+        spread_start[first[:-1]] = entry_start
+        k, entry_start, row_offsets = spread_k, spread_start, first[row_offsets]
 
     modes = shard.table.column("mode").to_pylist()
-    if "generate" in modes:
+    if "generate" in modes:  # prefix the prompt's student tokens, which carry no teacher targets
         if encode is None:
             raise ValueError(f"{source}: generate-mode records need `encode` for their prompts")
         prompts = shard.table.column("prompt").to_pylist()
@@ -199,22 +226,16 @@ def shard_to_docs(
             for p, m in zip(prompts, modes, strict=True)
         ]
         prefix_lengths = np.array([len(p) for p in prefix], dtype=np.int64)
-        doc_lengths = prefix_lengths + row_lengths
-        doc_offsets = segment_starts(doc_lengths)
+        doc_offsets = segment_starts(prefix_lengths + np.diff(row_offsets))
         is_prefix = np.zeros(int(doc_offsets[-1]), bool)
         is_prefix[concat_ranges(doc_offsets[:-1], prefix_lengths)] = True
-        merged = np.empty(len(is_prefix), dtype=np.int64)
-        merged[is_prefix] = np.concatenate(prefix) if prefix else np.zeros(0, np.int64)
-        merged[~is_prefix] = tokens
-        merged_k = np.zeros(len(merged), dtype=np.int64)
-        merged_k[~is_prefix] = token_k
-        tokens, token_k = merged, merged_k
+        merged = np.zeros((3, len(is_prefix)), dtype=np.int64)
+        merged[0, is_prefix] = np.concatenate(prefix) if prefix else np.zeros(0, np.int64)
+        merged[:, ~is_prefix] = np.stack([tokens, k, entry_start])
+        tokens, k, entry_start = merged
     else:
-        doc_offsets = segment_starts(row_lengths)
-    logits = None if shard.topk_logits is None else shard.topk_logits[keep]
-    return _Docs(
-        doc_offsets, tokens, segment_starts(token_k), mapped[keep], shard.topk_logprobs[keep], logits
-    )
+        doc_offsets = row_offsets - row_offsets[0]
+    return _Docs(doc_offsets, tokens, k, entry_start, ids, logprobs, logits)
 
 
 @dataclass
@@ -226,14 +247,8 @@ class _Stream:
 
 
 def _pad_docs(n: int) -> _Docs:
-    return _Docs(
-        np.zeros(1, np.int64),
-        np.zeros(n, np.int64),
-        np.zeros(n + 1, np.int64),
-        np.zeros(0, np.int64),
-        np.zeros(0, np.float32),
-        None,
-    )
+    zeros = np.zeros(n, np.int64)
+    return _Docs(np.array([0, n]), zeros, zeros, zeros, np.zeros(0, np.int64), np.zeros(0, np.float32), None)
 
 
 @dataclass
@@ -280,6 +295,9 @@ class PackedReader:
             max_k = max(max_k, int(metadata.get(META_MAX_K, b"0")))
             self.with_logits |= metadata.get(META_HAS_LOGITS) == b"1"
         self.k = max(1, self.top_k if self.top_k is not None else max_k)
+        self._columns = ["mode", "prompt", *TOKEN_COLUMNS, *TOPK_COLUMNS]
+        if self.with_logits:
+            self._columns.append("topk_logits")
         self._state = ReaderState()
         self._maps: dict[str, TokenMap] = {}
 
@@ -310,7 +328,7 @@ class PackedReader:
 
     def _docs_of(self, shard_index: int) -> _Docs:
         shard = self.snapshot.shards[shard_index]
-        arrays = read_shard_arrays(shard.path, shard.rows)
+        arrays = read_shard_arrays(shard.path, shard.rows, columns=self._columns)
         token_map = self.map_vocab(arrays.vocab_bytes)
         return shard_to_docs(arrays, token_map, self.encode, self.k, self.coverage, str(shard.path))
 
@@ -325,13 +343,14 @@ class PackedReader:
         batch_index = 0
         for w in range(0, n, self.shuffle_window):
             parts = [self._docs_of(i) for i in order[w : w + self.shuffle_window]]
-            docs = _Docs.concat(parts, self.with_logits)
-            count = len(docs.doc_offsets) - 1
-            if self.shuffle:
-                docs = docs.take(rng.permutation(count))
-            doc_of_token = np.repeat(np.arange(next_doc, next_doc + count), np.diff(docs.doc_offsets))
+            count = sum(len(p.doc_offsets) - 1 for p in parts)
+            docs = _Docs.concat([carry.docs, *parts], self.with_logits)
+            if self.shuffle:  # the carry (document 0 here) stays first
+                docs = docs.take(np.concatenate([[0], rng.permutation(count) + 1]))
+            new_lengths = np.diff(docs.doc_offsets)[1:]
+            doc_of_token = np.repeat(np.arange(next_doc, next_doc + count), new_lengths)
+            stream = _Stream(docs, np.concatenate([carry.doc_of_token, doc_of_token]))
             next_doc += count
-            stream = self._append(carry, docs, doc_of_token)
             full = (len(stream.docs.tokens) - 1) // self.seq_len if len(stream.docs.tokens) else 0
             starts = np.arange(full, dtype=np.int64) * self.seq_len
             for start in starts:
@@ -348,7 +367,7 @@ class PackedReader:
             pending = [p if isinstance(p, dict) else self._materialize(stream, [p]) for p in pending]
         # the rest of the epoch: one padded row from the carry, then pad the last batch
         if len(carry.docs.tokens) > 1:
-            padded = self._append(carry, _pad_docs(self.seq_len + 1 - len(carry.docs.tokens)), None)
+            padded = self._pad(carry)
             if (row % rows_per_batch) - own_start in range(self.micro_batch_size):
                 pending.append(self._materialize(padded, [0]))
             row += 1
@@ -359,31 +378,15 @@ class PackedReader:
         if row % rows_per_batch and batch_index >= skip_batches:
             yield self._batch(None, pending)
 
-    @staticmethod
-    def _append(carry: _Stream, docs: _Docs, doc_of_token: np.ndarray | None) -> _Stream:
-        if doc_of_token is None:
-            doc_of_token = np.full(len(docs.tokens), -1, np.int64)
-        with_logits = carry.docs.logits is not None or docs.logits is not None
-        if with_logits:
-            for d in (carry.docs, docs):
-                if d.logits is None:
-                    d.logits = np.full(len(d.ids), np.nan, np.float32)
-        joined = _Docs.concat([carry.docs, docs], with_logits)
-        return _Stream(joined, np.concatenate([carry.doc_of_token, doc_of_token]))
+    def _pad(self, carry: _Stream) -> _Stream:
+        """The carry followed by padding up to one row (``seq_len + 1`` tokens)."""
+        n = self.seq_len + 1 - len(carry.docs.tokens)
+        docs = _Docs.concat([carry.docs, _pad_docs(n)], self.with_logits)
+        return _Stream(docs, np.concatenate([carry.doc_of_token, np.full(n, -1, np.int64)]))
 
     @staticmethod
     def _slice(stream: _Stream, start: int) -> _Stream:
-        d = stream.docs
-        e0 = int(d.entry_offsets[start])
-        docs = _Docs(
-            np.array([0, len(d.tokens) - start]),
-            d.tokens[start:],
-            d.entry_offsets[start:] - e0,
-            d.ids[e0:],
-            d.logprobs[e0:],
-            None if d.logits is None else d.logits[e0:],
-        )
-        return _Stream(docs, stream.doc_of_token[start:])
+        return _Stream(stream.docs.tail(start), stream.doc_of_token[start:])
 
     def _materialize(self, stream: _Stream, starts: list[int]) -> dict[str, np.ndarray]:
         """Rows starting at ``starts`` of the stream as numpy arrays [R, S(, K)]."""
@@ -394,14 +397,17 @@ class PackedReader:
         doc_in, doc_label = doc[:, :-1], doc[:, 1:]
         loss = (doc_in == doc_label) & (doc_label >= 0)
         label_pos = index[:, 1:]
-        k = np.minimum(np.diff(d.entry_offsets)[label_pos], K)
         column = np.arange(K)
-        present = column[None, None, :] < k[..., None]
-        entry = d.entry_offsets[label_pos][..., None] + column[None, None, :]
-        entry = np.where(present, entry, 0)
-        safe = len(d.ids) > 0
-        ids = np.where(present, d.ids[entry] if safe else 0, -1)
-        logprobs = np.where(present, d.logprobs[entry] if safe else 0, -np.inf).astype(np.float32)
+        present = (column[None, None, :] < np.minimum(d.k[label_pos], K)[..., None]) & loss[..., None]
+        entry = d.entry_start[label_pos][..., None] + column[None, None, :]
+        ids = (
+            np.where(present, d.ids.take(entry, mode="clip"), -1) if len(d.ids) else np.full(entry.shape, -1)
+        )
+        logprobs = (
+            np.where(present, d.logprobs.take(entry, mode="clip"), -np.inf)
+            if len(d.ids)
+            else np.full(entry.shape, -np.inf, np.float32)
+        )
         starts_flag = np.ones_like(doc_in, dtype=bool)
         starts_flag[:, 1:] = doc_in[:, 1:] != doc_in[:, :-1]
         column_s = np.broadcast_to(np.arange(S), doc_in.shape)
@@ -411,15 +417,18 @@ class PackedReader:
             "tokens": np.where(pad, self.pad_id, tokens[:, :-1]),
             "labels": np.where(doc_label < 0, self.pad_id, tokens[:, 1:]),
             "loss_mask": loss.astype(np.float32),
-            "soft_mask": loss & (k > 0),
-            "topk_ids": np.where(loss[..., None], ids, -1),
-            "topk_logprobs": np.where(loss[..., None], logprobs, -np.inf).astype(np.float32),
+            "soft_mask": present[..., 0],
+            "topk_ids": ids,
+            "topk_logprobs": logprobs,
             "position_ids": np.where(pad, 0, column_s - segment_start),
             "doc_ids": np.where(pad, -1, np.cumsum(starts_flag, axis=1) - 1),
         }
         if self.with_logits:
-            logits = np.where(present, d.logits[entry] if safe and d.logits is not None else np.nan, np.nan)
-            out["topk_logits"] = np.where(loss[..., None], logits, np.nan).astype(np.float32)
+            out["topk_logits"] = (
+                np.where(present, d.logits.take(entry, mode="clip"), np.nan)
+                if len(d.ids) and d.logits is not None
+                else np.full(entry.shape, np.nan, np.float32)
+            )
         return out
 
     def _batch(self, stream: _Stream | None, pending: list) -> dict[str, torch.Tensor]:

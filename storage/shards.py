@@ -81,15 +81,26 @@ def write_table(table: pa.Table, path: Path, settings: StorageSettings) -> None:
     """Write one shard table to ``path`` with the encodings the format relies on (BYTE_STREAM_SPLIT ints)."""
     compression = None if settings.compression == "none" else settings.compression
     present = set(table.column_names)
-    pq.write_table(
-        table,
+    metadata = table.schema.metadata or {}
+    table = table.replace_schema_metadata(None)
+    # no Arrow schema copy in the footer: it would repeat the vocabulary metadata, base64-encoded; the Parquet
+    # logical types restore the same Arrow types
+    with pq.ParquetWriter(
         path,
+        table.schema,
         compression=compression,
         compression_level=settings.compression_level if compression == "zstd" else None,
         use_dictionary=[c for c in ("split", "teacher", "mode", "params", "finish_reason") if c in present],
-        use_byte_stream_split=[f"{c}.list.element" for c in BYTE_SPLIT_COLUMNS if c in present],
+        use_byte_stream_split=[
+            f"{c}.list.element"
+            for c in BYTE_SPLIT_COLUMNS
+            if c in present and pa.types.is_list(table.schema.field(c).type)
+        ],
         write_statistics=False,
-    )
+        store_schema=False,
+    ) as writer:
+        writer.write_table(table)
+        writer.add_key_value_metadata(metadata)
 
 
 def write_shard(table: pa.Table, data_dir: Path, settings: StorageSettings) -> ShardInfo:
@@ -134,16 +145,26 @@ def read_shard_table(path: Path, columns: list[str] | None = None) -> pa.Table:
         raise ShardError(f"{path}: cannot decode the Parquet data (corrupt shard): {exc}") from None
 
 
-def read_shard_arrays(path: Path, rows: np.ndarray | None = None) -> ShardArrays:
-    """Decode a shard (optionally only some rows, in the given order) into flat arrays of shard ranks."""
-    table = read_shard_table(path)
-    if rows is not None:
+def read_shard_arrays(
+    path: Path, rows: np.ndarray | None = None, columns: list[str] | None = None
+) -> ShardArrays:
+    """Decode a shard (optionally only some rows, in the given order, and some columns) into flat arrays.
+
+    ``columns`` must include the token and top-k columns; metadata columns and logits are optional."""
+    parquet = open_shard(path)
+    if columns is not None:
+        columns = [c for c in columns if c in parquet.schema_arrow.names]
+    try:
+        table = parquet.read(columns=columns)
+    except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+        raise ShardError(f"{path}: cannot decode the Parquet data (corrupt shard): {exc}") from None
+    if rows is not None and not np.array_equal(rows, np.arange(table.num_rows)):
         table = table.take(pa.array(np.asarray(rows, dtype=np.int64)))
     try:
         return table_to_arrays(table, str(path))
+    except ShardError:
+        raise
     except (pa.ArrowInvalid, ValueError, IndexError) as exc:
-        if isinstance(exc, ShardError):
-            raise
         raise ShardError(f"{path}: damaged shard: {exc}") from None
 
 

@@ -10,7 +10,7 @@ i given the tokens before it in its document (the convention of ``storage.record
 shuffles the windows per epoch from the seed, and serves micro-batch ``g`` as global rows
 ``[g*B*DP, (g+1)*B*DP)`` of that order, rank r taking its ``B`` rows. So the global batch does not depend on
 the DP size (DP=2 x B equals DP=1 x 2B), and micro-batch ``g`` is a pure function of ``(seed, g)``: resuming
-at a data position costs nothing. Batches are the dicts described in ``docs/architecture.md`` (``tokens``,
+at a data position (``state_dict``, as ``storage.reader.PackedReader`` has) costs nothing. Batches are the dicts described in ``docs/architecture.md`` (``tokens``,
 ``labels``, ``loss_mask``, ``soft_mask``, ``topk_ids``, ``topk_logprobs``, ``position_ids``, ``doc_ids``).
 """
 
@@ -106,6 +106,7 @@ class TokenBatches:
         self.doc_of = np.cumsum(doc_of)
         self.pos_in_doc = np.arange(n, dtype=np.int64) - corpus.doc_starts[self.doc_of]
         self._order_cache: dict[int, np.ndarray] = {}
+        self.position = 0
 
     def __len__(self) -> int:
         """Micro-batches per epoch (for this rank)."""
@@ -130,13 +131,18 @@ class TokenBatches:
         return {key: torch.from_numpy(np.stack([r[key] for r in rows])) for key in rows[0]}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return self.iterate()
-
-    def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        index = start
+        """Micro-batches from the data position on, forever (epoch after epoch)."""
         while True:
-            yield self.micro_batch(index)
-            index += 1
+            batch = self.micro_batch(self.position)
+            self.position += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """The data position: micro-batches already served (``load_state_dict`` resumes exactly there)."""
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.position = int(state["position"])
 
     def _row(self, start: int) -> dict[str, np.ndarray]:
         c, s = self.corpus, self.seq_len

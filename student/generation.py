@@ -1,12 +1,11 @@
 """Decoding, independent of how logits are computed: sampling, stop strings, top-k reports, and the step loop.
 
-A ``Decoder`` advances many ``Sequence``s together: each ``step`` asks a ``forward`` callable for the logits of
-only the positions it needs (every prompt position on a sequence's first step when prompt scoring was asked
-for, otherwise the last position) and samples one token per unfinished sequence. Sequences may join between
-steps, which is how the local teacher server batches concurrent requests (continuous batching).
-
-There is no KV cache: every step recomputes the whole sequence. That is quadratic in length and only meant
-for the small models this project trains and serves; logits are exactly those of one full forward.
+A ``Decoder`` decodes a batch ("wave") of sequences together through a ``Session``: one ``prefill`` forward
+over the (padded) prompts, then one ``extend`` forward per generated token, each feeding one token per row.
+``student.inference`` implements the session with megatron-core's KV cache (``StaticInferenceContext``), so a
+step costs one token per row; the tests implement it with an exact bigram table. A sequence that finishes
+early is reported at once (``on_done``) and rides along in the wave until the longest one ends; requests that
+arrive meanwhile wait for the next wave (static batching).
 
 Determinism: every sequence samples from its own ``torch.Generator`` seeded by its request (a random seed when
 none is given), in float64, so the same request with the same seed gives the same tokens whatever else shares
@@ -20,13 +19,28 @@ import codecs
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 MAX_STOP_STRINGS = 4
 
-# forward(token lists, positions wanted per row) -> one float32 tensor [len(positions[i]), V] per row
-ForwardFn = Callable[[list[list[int]], list[list[int]]], list[torch.Tensor]]
+
+class Session(Protocol):
+    """One batch of sequences decoded together; row ``i`` stays row ``i`` for the session's lifetime."""
+
+    def prefill(self, prompts: list[list[int]], every_position: list[bool]) -> list[torch.Tensor]:
+        """Full-vocabulary logits after the prompts: ``[len(prompt), V]`` for rows with ``every_position``
+        (row j predicts token j+1), else ``[1, V]`` (the last position only)."""
+        ...
+
+    def extend(self, tokens: list[int]) -> torch.Tensor:
+        """Append one token to every row; returns the ``[rows, V]`` logits of the next position."""
+        ...
+
+
+# open_session(max_new_tokens) -> a session with room for that many tokens after the longest prompt
+SessionFactory = Callable[[int], Session]
 
 
 @dataclass(frozen=True)
@@ -152,7 +166,6 @@ class DecodeState:
     prompt_reports: list[PositionReport | None] | None = None
     data: bytearray = field(default_factory=bytearray)
     stop_at: int | None = None  # character index where a stop string begins
-    started: bool = False
 
     @property
     def done(self) -> bool:
@@ -160,10 +173,10 @@ class DecodeState:
 
 
 class Decoder:
-    """Steps a changing set of sequences together through one ``forward`` per step."""
+    """Decodes waves of sequences through sessions from ``open_session``."""
 
-    def __init__(self, forward: ForwardFn, token_bytes: Callable[[int], bytes]) -> None:
-        self._forward = forward
+    def __init__(self, open_session: SessionFactory, token_bytes: Callable[[int], bytes]) -> None:
+        self._open_session = open_session
         self._token_bytes = token_bytes
 
     def start(self, prompt: list[int], params: SamplingParams) -> DecodeState:
@@ -172,28 +185,45 @@ class Decoder:
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         return DecodeState(list(prompt), params, torch.Generator().manual_seed(seed))
 
-    def step(self, seqs: list[DecodeState]) -> None:
-        """One forward over ``seqs``: prompt reports on the first step, then one new token per sequence."""
-        rows, positions = [], []
+    def run_wave(
+        self,
+        seqs: list[DecodeState],
+        on_done: Callable[[DecodeState], None] = lambda seq: None,
+        on_forward: Callable[[int], None] = lambda rows: None,
+    ) -> None:
+        """Decode ``seqs`` together until every one is done; ``on_done`` fires as each one finishes and
+        ``on_forward(rows)`` after each forward pass."""
+        need_forward = []
         for seq in seqs:
-            tokens = seq.prompt + seq.generated
-            wanted = []
-            if not seq.started and seq.params.prompt_logprobs is not None:
-                wanted = list(range(len(seq.prompt) - 1))
-            if not seq.done:
-                wanted.append(len(tokens) - 1)
-            rows.append(tokens)
-            positions.append(wanted)
-        logits = self._forward(rows, positions) if any(positions) else [None] * len(seqs)
-        for seq, row_logits in zip(seqs, logits, strict=True):
-            if not seq.started and seq.params.prompt_logprobs is not None:
-                n = len(seq.prompt) - 1
-                reports = position_reports(row_logits[:n], seq.prompt[1:], seq.params.prompt_logprobs)
+            if seq.params.prompt_logprobs is not None or not seq.done:
+                need_forward.append(seq)
+            else:
+                on_done(seq)
+        if not need_forward:
+            return
+        session = self._open_session(max(s.params.max_tokens for s in need_forward))
+        wants_all = [s.params.prompt_logprobs is not None for s in need_forward]
+        logits = session.prefill([s.prompt for s in need_forward], wants_all)
+        on_forward(len(need_forward))
+        for seq, row_logits, every in zip(need_forward, logits, wants_all, strict=True):
+            if every:
+                reports = position_reports(row_logits[:-1], seq.prompt[1:], seq.params.prompt_logprobs)
                 seq.prompt_reports = [None, *reports]
-                row_logits = row_logits[n:]
-            seq.started = True
-            if not seq.done:
-                self._append(seq, row_logits[-1])
+            self._advance(seq, row_logits[-1], on_done)
+        while not all(s.done for s in need_forward):
+            step = session.extend([(s.generated or s.prompt)[-1] for s in need_forward])
+            on_forward(len(need_forward))
+            for seq, row_logits in zip(need_forward, step, strict=True):
+                if not seq.done:
+                    self._advance(seq, row_logits, on_done)
+
+    def _advance(
+        self, seq: DecodeState, logits: torch.Tensor, on_done: Callable[[DecodeState], None]
+    ) -> None:
+        if not seq.done:
+            self._append(seq, logits)
+        if seq.done:
+            on_done(seq)
 
     def _append(self, seq: DecodeState, logits: torch.Tensor) -> None:
         token = sample_token(logits, seq.params, seq.generator)
@@ -230,10 +260,7 @@ class Decoder:
         )
 
     def run(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
-        """Decode all prompts together until each one is done (offline generation)."""
+        """Decode all prompts as one wave (offline generation)."""
         seqs = [self.start(p, sp) for p, sp in zip(prompts, params, strict=True)]
-        while True:
-            active = [s for s in seqs if not s.started or not s.done]
-            if not active:
-                return [self.finish(s) for s in seqs]
-            self.step(active)
+        self.run_wave(seqs)
+        return [self.finish(s) for s in seqs]

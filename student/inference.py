@@ -13,9 +13,16 @@ calls with the same arguments):
   vocabulary-parallel logits are gathered (megatron's ``gather_from_tensor_model_parallel_region``) for those
   rows only, so generation gathers one row per sequence and step.
 - ``model.generate(prompts, params)``: greedy / temperature / top-p / seed / stop / max_tokens decoding of
-  ``student.generation`` (no KV cache: each step recomputes the sequence, fine for the small models here).
+  ``student.generation``, all prompts as one batch.
 - ``model.decoder()``: a ``student.generation.Decoder`` over this model, for callers that batch themselves
   (the local teacher server).
+
+Generation uses megatron-core's KV cache (``StaticInferenceContext``): prompts are **left**-padded so that all
+rows advance at the same cache offset, pad keys are masked out, and each step feeds one token per row. RoPE
+scores depend only on the offset between two positions, so left padding changes no logit (the tests check
+cached decoding against a full recomputation). The output layer returns gathered logits (megatron's inference
+path requires it), only for the last position of each step, or every prompt position when prompt logprobs
+are asked for.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -110,8 +118,11 @@ class InferenceModel:
     def token_bytes(self, token_id: int) -> bytes:
         return self.tokenizer.token_bytes(token_id)
 
+    def session(self, max_new_tokens: int) -> CachedSession:
+        return CachedSession(self, max_new_tokens)
+
     def decoder(self) -> Decoder:
-        return Decoder(self.logits_at, self.token_bytes)
+        return Decoder(self.session, self.token_bytes)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
         for prompt, sp in zip(prompts, params, strict=True):
@@ -121,3 +132,58 @@ class InferenceModel:
                     f"context of {self.max_length} tokens"
                 )
         return self.decoder().run(prompts, params)
+
+
+class CachedSession:
+    """A ``student.generation.Session`` over megatron-core's static KV cache (see the module docstring)."""
+
+    def __init__(self, runner: InferenceModel, max_new_tokens: int) -> None:
+        self._runner = runner
+        self._max_new = max_new_tokens
+        self._context: StaticInferenceContext | None = None
+        self._valid = torch.zeros(0, 0, dtype=torch.bool)  # [rows, capacity]: which cache slots hold tokens
+
+    def _forward(self, tokens: torch.Tensor, blocked: torch.Tensor, offset: int) -> torch.Tensor:
+        device = self._runner._device()
+        rows, seq = tokens.shape
+        positions = torch.arange(offset, offset + seq, dtype=torch.long).expand(rows, seq)
+        logits = self._runner.model(
+            input_ids=tokens.to(device),
+            position_ids=positions.to(device),
+            attention_mask=blocked.to(device),
+            inference_context=self._context,
+            runtime_gather_output=True,
+        )
+        return logits[..., : self._runner.vocab_size].float().cpu()
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], every_position: list[bool]) -> list[torch.Tensor]:
+        rows, longest = len(prompts), max(len(p) for p in prompts)
+        capacity = longest + self._max_new
+        self._context = StaticInferenceContext(rows, capacity)
+        self._context.materialize_only_last_token_logits = not any(every_position)
+        tokens = torch.zeros(rows, longest, dtype=torch.long)
+        self._valid = torch.zeros(rows, capacity, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            tokens[row, longest - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+            self._valid[row, longest - len(prompt) : longest] = True
+        causal = torch.ones(longest, longest, dtype=torch.bool).tril_()
+        allowed = causal & self._valid[:, None, :longest]
+        allowed |= torch.eye(longest, dtype=torch.bool)  # a pad row attends to itself: never fully blocked
+        logits = self._forward(tokens, ~allowed[:, None], 0)
+        self._context.sequence_len_offset = longest
+        return [
+            logits[row, longest - len(p) :] if every else logits[row, -1:]
+            for row, (p, every) in enumerate(zip(prompts, every_position, strict=True))
+        ]
+
+    @torch.no_grad()
+    def extend(self, tokens: list[int]) -> torch.Tensor:
+        offset = self._context.sequence_len_offset
+        if offset >= self._valid.shape[1]:
+            raise ValueError(f"the KV cache holds {self._valid.shape[1]} positions; all are used")
+        self._valid[:, offset] = True
+        blocked = ~self._valid[:, None, None, : offset + 1]
+        logits = self._forward(torch.as_tensor(tokens, dtype=torch.long)[:, None], blocked, offset)
+        self._context.sequence_len_offset = offset + 1
+        return logits[:, -1]

@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from tqdm import tqdm
 
+from storage.reader import PackedReader
 from student import checkpoint as ckpt
 from student.batches import TokenBatches, TokenCorpus
 from student.distributed import (
@@ -54,6 +55,7 @@ from student.model import build_model, forward_logits
 from student.schedule import make_scheduler
 from student.settings import LossSettings, ModelSettings, TrainSettings
 from student.tokenizer import StudentTokenizer
+from teacher.alignment import vocab_mapper
 
 for _message in (
     "Apex is not installed",
@@ -107,36 +109,17 @@ def load_spec(path: str | Path) -> TrainSpec:
 
 
 class Batches(Protocol):
-    def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]: ...
+    """An endless stream of micro-batches with a restorable data position (``TokenBatches``, ``PackedReader``)."""
 
-
-class SnapshotBatches:
-    """``storage.reader.PackedReader`` over a snapshot manifest, restartable at a micro-batch index."""
-
-    def __init__(self, path: Path, tokenizer: StudentTokenizer, spec: TrainSpec, env: DistEnv) -> None:
-        self.path, self.tokenizer, self.spec, self.env = path, tokenizer, spec, env
-
-    def iterate(self, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        from storage.reader import PackedReader
-        from storage.snapshot import load_snapshot
-        from teacher.alignment import vocab_mapper
-
-        reader = PackedReader(
-            load_snapshot(self.path),
-            seq_len=self.spec.model.seq_length,
-            micro_batch_size=self.spec.train.micro_batch_size,
-            map_vocab=vocab_mapper(self.tokenizer.vocab_bytes()),
-            encode=self.tokenizer.encode,
-            seed=self.spec.train.seed,
-            dp_rank=self.env.dp_rank,
-            dp_size=self.env.dp,
-        )
-        return islice(iter(reader), start, None)
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def make_batches(
     path: Path, tokenizer: StudentTokenizer, spec: TrainSpec, env: DistEnv, train: bool
-) -> Batches:
+) -> Batches | PackedReader:
+    """Training batches (shuffled, repeating) or validation batches (in order, one pass) from ``path``."""
     if path.suffix == ".npz":
         corpus = TokenCorpus.load(path)
         if int(corpus.tokens.max(initial=0)) >= tokenizer.vocab_size:
@@ -152,7 +135,18 @@ def make_batches(
             dp_size=env.dp,
             shuffle=train,
         )
-    return SnapshotBatches(path, tokenizer, spec, env)
+    return PackedReader(
+        path,
+        seq_len=spec.model.seq_length,
+        micro_batch_size=spec.train.micro_batch_size,
+        map_vocab=vocab_mapper(tokenizer),
+        encode=tokenizer.encode,
+        seed=spec.train.seed,
+        dp_rank=env.dp_rank,
+        dp_size=env.dp,
+        epochs=None if train else 1,
+        shuffle=train,
+    )
 
 
 # --------------------------------------------------------------------------------------------- step
@@ -284,7 +278,7 @@ def train_step(
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    batches: Batches,
+    batches: Iterable[dict[str, torch.Tensor]],
     settings: TrainSettings,
     loss_settings: LossSettings,
     env: DistEnv,
@@ -292,7 +286,7 @@ def evaluate(
 ) -> dict[str, float]:
     model.eval()
     tally = _Tally()
-    for mb in islice(batches.iterate(0), max_batches):
+    for mb in islice(batches, max_batches):
         batch = _to_device(mb, env.device)
         with _autocast(env, settings):
             logits = forward_logits(model, batch["tokens"], batch["position_ids"], batch["doc_ids"])
@@ -340,6 +334,14 @@ def _resume_from(spec: TrainSpec) -> Path | None:
     return spec.resume
 
 
+def _clear_previous_run(out: Path) -> None:
+    """A fresh (not resumed) run into a used ``out_dir`` starts clean: no stale checkpoint can be resumed later."""
+    for stale in (out / "checkpoints", out / "final", out / "train_summary.json"):
+        if stale.exists():
+            print(f"fresh run: removing {stale} of an earlier run", file=sys.stderr)
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+
+
 def _prune_checkpoints(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.glob("step_*") if (p / ckpt.META).is_file())
     for old in steps[:-keep]:
@@ -360,26 +362,28 @@ def run(spec: TrainSpec) -> dict[str, Any]:
 def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
     settings = spec.train
     out = spec.out_dir
+    resume = _resume_from(spec)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "spec.json").write_text(spec.model_dump_json(indent=2))
+        if resume is None:
+            _clear_previous_run(out)
     seed_everything(settings.seed)
     tokenizer = StudentTokenizer.load(spec.tokenizer)
     model = build_model(spec.model, tokenizer.vocab_size)
     optimizer = make_optimizer(model, settings)
     scheduler = make_scheduler(optimizer, settings)
     train_batches = make_batches(spec.train_data, tokenizer, spec, env, train=True)
-    val_batches = make_batches(spec.val_data, tokenizer, spec, env, train=False) if spec.val_data else None
 
-    step, position, tokens_seen = 0, 0, 0.0
-    resume = _resume_from(spec)
+    step, tokens_seen = 0, 0.0
     if resume is not None:
         ckpt.load_model_weights(model, resume)
         state = ckpt.load_train_state(resume)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        step, position, tokens_seen = state["step"], state["data_position"], state["tokens"]
+        train_batches.load_state_dict(state["data"])
+        step, tokens_seen = state["step"], state["tokens"]
     log = MetricsLog(out / "metrics.jsonl", env.is_main, step)
 
     def emit(record: dict[str, Any]) -> None:
@@ -390,7 +394,7 @@ def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
     def save(directory: Path, with_state: bool) -> None:
         states = {
             "step": step,
-            "data_position": position,
+            "data": train_batches.state_dict(),
             "tokens": tokens_seen,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -407,8 +411,9 @@ def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
         )
 
     def validate() -> dict[str, float] | None:
-        if val_batches is None:
+        if spec.val_data is None:
             return None
+        val_batches = make_batches(spec.val_data, tokenizer, spec, env, train=False)
         result = evaluate(model, val_batches, settings, spec.loss, env, settings.eval_batches)
         result["eval_tokens"] = result.pop("step_tokens")
         emit(
@@ -418,14 +423,13 @@ def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
 
     if resume is None:
         validate()
-    stream = train_batches.iterate(position)
+    stream = iter(train_batches)
     started, start_tokens = time.perf_counter(), tokens_seen
     last_train: dict[str, float] = {}
     last_val: dict[str, float] | None = None
     bar = tqdm(total=settings.steps, initial=step, disable=not env.is_main, desc="train", unit="step")
     while step < settings.steps:
         micro = list(islice(stream, settings.grad_accum_steps))
-        position += settings.grad_accum_steps
         result = train_step(model, optimizer, scheduler, micro, settings, spec.loss, env)
         step += 1
         tokens_seen += result["step_tokens"]

@@ -189,9 +189,8 @@ class TeacherClient:
         s = self.settings
         text = item.prompt_text()
         extra: dict[str, Any] = {"prompt_logprobs": s.top_k, **self._id_body()}
-        # With ids on, echo the prompt's token ids too: prompt_logprobs alone does not name the first token.
-        echo = {"echo": True, "logprobs": 0} if s.token_ids else {}
+        # echo + logprobs 0 names the prompt's token ids: prompt_logprobs alone does not name the first token.
         raw = await self.openai.completions.with_raw_response.create(
-            model=s.model, prompt=text, max_tokens=1, temperature=0.0, extra_body=extra, **echo
+            model=s.model, prompt=text, echo=True, logprobs=0, max_tokens=1, temperature=0.0, extra_body=extra
         )
         return parse_prompt_logprobs(json.loads(raw.content), s.top_k, text, self.resolve)

@@ -36,6 +36,11 @@ class TokenBucket:
                 self._refill()
             self._level -= amount
 
+    def available(self) -> float:
+        """Units in the bucket now (negative: a debt still being paid off)."""
+        self._refill()
+        return self._level
+
     def refund(self, amount: float) -> None:
         """Give back units (negative: take more) once the real cost of a request is known."""
         self._refill()

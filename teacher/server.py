@@ -36,6 +36,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,6 +51,16 @@ log = logging.getLogger(__name__)
 
 READY = re.compile(r"local teacher server listening on (http://\S+:(\d+)/v1)")
 KEY_ENV = "DISTILL_LOCAL_TEACHER_API_KEY"
+# torchrun's variables: a server started from inside a distributed job must not join that job's group
+LAUNCHER_VARS = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,6 +103,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 def serve(args: argparse.Namespace) -> None:
     """Load the model, then serve until SIGTERM/SIGINT."""
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")  # Apex/TE fallbacks: noise
     import torch
     import uvicorn
 
@@ -218,7 +230,8 @@ def local_teacher_server(
 ) -> Iterator[RunningServer]:
     """Start ``python -m teacher.server`` as a subprocess, wait for ``/v1/models``, stop it on exit."""
     cmd = server_command(settings, checkpoint, tokenizer, random_init, seed, model_name)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(settings.threads))
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}  # always a world of one
+    env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(settings.threads))
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     if settings.api_key is not None:

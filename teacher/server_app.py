@@ -4,12 +4,15 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 (batching counters, JSON). Every response carries ``usage``; errors use OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}`` with 400 (bad request, including unknown fields), 401 (bad
 or missing bearer key when the server has one), 404 (unknown model or route). Each completion response
-carries the header ``x-batch-size``: the largest batch its sequences were stepped in.
+carries the header ``x-batch-size``: the size of the batch (wave) its sequences were decoded in.
 
 Token strings are the token's bytes decoded as UTF-8 with replacement (a token holding part of a multi-byte
 character shows U+FFFD), and ``bytes`` (chat) lists the raw bytes, so joining the bytes of the tokens gives
 the exact text. ``text_offset`` counts the characters of the returned text before each token's first byte.
 Reported logprobs are the raw model distribution (temperature 1, no top-p), whatever the sampling settings.
+The legacy ``top_logprobs`` dicts are keyed by token string, so distinct tokens with the same string (byte
+fragments that all show U+FFFD) merge into one key, as with OpenAI; ``return_tokens_as_token_ids`` keeps them
+apart, and chat's lists and ``prompt_logprobs`` (keyed by id) never merge.
 
 Completions (``/v1/completions``): ``prompt`` (string, list of strings, token ids, or lists of token ids; one
 choice per prompt), ``max_tokens`` (default 16, 0 allowed), ``temperature``, ``top_p``, ``seed``, ``stop``,

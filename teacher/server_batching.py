@@ -1,10 +1,11 @@
 """Server-side batching of the local teacher: concurrent requests share padded forward passes.
 
 One engine thread owns the model. Requests enter a queue; when the engine is idle it takes the first one and
-waits up to ``batch_wait_ms`` for more (up to ``max_batch_size``), then steps all of them together through
-``student.generation.Decoder``: one padded forward per generated token. Requests that arrive while others are
-decoding join at the next step (continuous batching), and each leaves as soon as it is done. Torch releases
-the GIL during the forward, so the HTTP event loop keeps accepting requests meanwhile.
+waits up to ``batch_wait_ms`` for more (up to ``max_batch_size``), then decodes them as one wave through
+``student.generation.Decoder``: one prefill forward over the padded prompts, then one KV-cached forward per
+generated token for the whole wave. Each request is answered as soon as its own sequence is done; requests
+that arrive during a wave wait for the next one. Torch releases the GIL during the forward, so the HTTP event
+loop keeps accepting requests meanwhile.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from student.generation import Completion, Decoder, DecodeState, SamplingParams
@@ -90,13 +92,13 @@ class BatchingEngine:
             return self._stats.as_dict()
 
     async def submit(self, prompt: list[int], params: SamplingParams) -> tuple[Completion, int]:
-        """Decode one prompt; returns the completion and the largest batch it was stepped in."""
+        """Decode one prompt; returns the completion and the size of the wave it was decoded in."""
         loop = asyncio.get_running_loop()
         job = _Job(prompt, params, loop, loop.create_future())
         self._queue.put(job)
         return await job.future
 
-    def _admit(self, job: _Job, active: list[_Job]) -> None:
+    def _admit(self, job: _Job, wave: list[_Job]) -> None:
         if job.future.done():  # the client went away before its turn
             return
         try:
@@ -104,61 +106,54 @@ class BatchingEngine:
         except ValueError as err:
             job.resolve(error=err)
             return
-        active.append(job)
+        wave.append(job)
 
-    def _fill(self, active: list[_Job]) -> bool:
-        """Admit waiting jobs; returns False when asked to stop."""
+    def _fill(self) -> list[_Job] | None:
+        """The next wave: the first waiting job, plus whatever arrives within the wait; None: stop."""
+        wave: list[_Job] = []
         deadline = None
-        while len(active) < self._max_batch:
+        while len(wave) < self._max_batch:
             try:
-                if not active:
+                if deadline is None:
                     job = self._queue.get()
-                    deadline = time.monotonic() + self._wait_s
-                elif deadline is not None and (left := deadline - time.monotonic()) > 0:
+                elif (left := deadline - time.monotonic()) > 0:
                     job = self._queue.get(timeout=left)
                 else:
                     job = self._queue.get_nowait()
             except queue.Empty:
                 break
             if job is None:
-                return False
-            self._admit(job, active)
-        return True
+                for waiting in wave:
+                    waiting.resolve(error=RuntimeError("the server is shutting down"))
+                return None
+            self._admit(job, wave)
+            if wave and deadline is None:
+                deadline = time.monotonic() + self._wait_s
+        return wave
 
     def _run(self) -> None:
-        active: list[_Job] = []
-        while self._fill(active):
-            if not active:
-                continue
+        while (wave := self._fill()) is not None:
+            jobs = {id(job.state): job for job in wave}
+            for job in wave:
+                job.max_batch = len(wave)
             try:
-                self._decoder.step([job.state for job in active])
+                states = [job.state for job in wave]
+                self._decoder.run_wave(states, on_done=partial(self._finish, jobs), on_forward=self._record)
             except Exception as err:
-                log.exception("forward pass failed for a batch of %d", len(active))
-                for job in active:
+                log.exception("decoding failed for a wave of %d requests", len(wave))
+                for job in wave:
                     job.resolve(error=err)
-                active = []
-                continue
-            self._record(active)
-            still = []
-            for job in active:
-                if job.state.done:
-                    job.resolve(self._decoder.finish(job.state))
-                else:
-                    still.append(job)
-            active = still
-        for job in active:
-            job.resolve(error=RuntimeError("the server is shutting down"))
 
-    def _record(self, active: list[_Job]) -> None:
-        size = len(active)
+    def _finish(self, jobs: dict[int, _Job], state: DecodeState) -> None:
+        with self._lock:
+            self._stats.requests += 1
+            self._stats.generated_tokens += len(state.generated)
+        jobs[id(state)].resolve(self._decoder.finish(state))
+
+    def _record(self, rows: int) -> None:
         with self._lock:
             stats = self._stats
             stats.forward_passes += 1
-            stats.sequences_stepped += size
-            stats.batch_sizes[size] += 1
-            stats.max_batch_size = max(stats.max_batch_size, size)
-            for job in active:
-                job.max_batch = max(job.max_batch, size)
-                if job.state.done:
-                    stats.requests += 1
-                    stats.generated_tokens += len(job.state.generated)
+            stats.sequences_stepped += rows
+            stats.batch_sizes[rows] += 1
+            stats.max_batch_size = max(stats.max_batch_size, rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -81,31 +82,37 @@ def _collect(args: argparse.Namespace) -> int:
     return 1 if result.failures else 0
 
 
+def _import_source(args: argparse.Namespace, path: Path, vocab: TeacherVocab) -> Iterator[TopKRecord | tuple]:
+    if args.format == "metaseq":
+        return import_metaseq(path, vocab, teacher=args.teacher, split=args.split)
+    requests = Path(args.requests) if args.requests else None
+    return import_openai_batch(path, vocab, requests, split=args.split)
+
+
 def _import(args: argparse.Namespace) -> int:
-    data_dir = Path(args.data_dir) if args.data_dir else load_config(args.config).storage.data_dir
-    settings = load_config(args.config).storage if args.config else None
+    storage = load_config(args.config).storage if args.config else None
+    data_dir = storage.data_dir if storage is not None else Path(args.data_dir)
+    paths = [Path(p) for p in args.files]
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path}: file not found")
+    try:  # a first pass validates every line, so a bad file leaves no shard behind
+        for path in paths:
+            for _ in _import_source(args, path, TeacherVocab()):
+                pass
+    except InputError as exc:
+        raise UserError(str(exc)) from None
     vocab = TeacherVocab()
     failures: list[tuple[str, str]] = []
     count = 0
-    with Catalog(data_dir) as catalog, ShardWriter(data_dir, settings, catalog) as writer:
-        for path in args.files:
-            path = Path(path)
-            if not path.is_file():
-                raise UserError(f"{path}: file not found")
-            if args.format == "metaseq":
-                source = import_metaseq(path, vocab, teacher=args.teacher, split=args.split)
-            else:
-                requests = Path(args.requests) if args.requests else None
-                source = import_openai_batch(path, vocab, requests, split=args.split)
-            try:
-                for item in source:
-                    if isinstance(item, TopKRecord):
-                        writer([item], vocab)
-                        count += 1
-                    else:
-                        failures.append(item)
-            except InputError as exc:
-                raise UserError(str(exc)) from None
+    with Catalog(data_dir) as catalog, ShardWriter(data_dir, storage, catalog) as writer:
+        for path in paths:
+            for item in _import_source(args, path, vocab):
+                if isinstance(item, TopKRecord):
+                    writer([item], vocab)
+                    count += 1
+                else:
+                    failures.append(item)
         catalog.record_failures(failures)
     print(f"imported {count} records into {data_dir}; {len(failures)} failed requests recorded")
     return 0

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
+import traceback
 from pathlib import Path
 
 from pipeline.config import load_config
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipeline.runner import run_pipeline
+    from pipeline.runner import StageError, run_pipeline
+
+    for noisy in ("httpx", "httpx2"):  # one INFO line per teacher request
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
     config_path = Path(args.config)
-    report = run_pipeline(load_config(config_path), config_path)
+    try:
+        report = run_pipeline(load_config(config_path), config_path)
+    except StageError as exc:
+        if args.verbose:
+            traceback.print_exception(exc.__cause__)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(report, flush=True)
     return 0
 

@@ -64,10 +64,15 @@ def _teacher_metrics(
             rows = slice(start, start + step)
             blocks.append(
                 topk_cross_entropy(
-                    logits[rows], ids[rows], logprobs[rows], zeros_w[rows], zeros_r[rows], labels[rows],
+                    logits[rows],
+                    ids[rows],
+                    logprobs[rows],
+                    zeros_w[rows],
+                    zeros_r[rows],
+                    labels[rows],
                     inplace=False,
                 )
-            )  # fmt: skip
+            )
     return TopKOutputs(*(torch.cat(parts) for parts in zip(*blocks, strict=True)))
 
 

@@ -78,6 +78,7 @@ def make_record(
     )
 
 
-def make_records(seed: int, count: int, start: int = 0, **kwargs) -> list[TopKRecord]:
+def make_records(seed: int, count: int, start: int = 0, max_len: int = 40, **kwargs) -> list[TopKRecord]:
+    """``count`` records of 0 to ``max_len - 1`` tokens; prompts (hence sample ids) numbered from ``start``."""
     rng = np.random.default_rng(seed)
-    return [make_record(rng, start + i, int(rng.integers(0, 40)), **kwargs) for i in range(count)]
+    return [make_record(rng, start + i, int(rng.integers(0, max_len)), **kwargs) for i in range(count)]

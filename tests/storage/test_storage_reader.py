@@ -76,7 +76,15 @@ def reference_rows(snapshot, k_max):
         window += [(0, -1, [])] * (SEQ + 1 - len(window))
         row = {
             key: []
-            for key in ("tokens", "labels", "loss_mask", "soft_mask", "topk_ids", "topk_logprobs", "topk_logits")
+            for key in (
+                "tokens",
+                "labels",
+                "loss_mask",
+                "soft_mask",
+                "topk_ids",
+                "topk_logprobs",
+                "topk_logits",
+            )
         }
         row["position_ids"], row["doc_ids"] = [], []
         position, doc_index = 0, 0
@@ -107,7 +115,9 @@ def reader(snapshot, **kwargs):
 
 
 def rows_of(batches):
-    return [{key: value[i].numpy() for key, value in b.items()} for b in batches for i in range(len(b["tokens"]))]
+    return [
+        {key: value[i].numpy() for key, value in b.items()} for b in batches for i in range(len(b["tokens"]))
+    ]
 
 
 def test_packing_matches_reference(snapshot):
@@ -160,7 +170,10 @@ def test_shuffle_is_deterministic_and_keeps_every_token(snapshot):
 def test_data_parallel_ranks_split_the_rows(snapshot, dp_size):
     micro = 2
     single = rows_of(list(reader(snapshot, seed=9, micro_batch_size=1)))
-    per_rank = [list(reader(snapshot, seed=9, micro_batch_size=micro, dp_rank=r, dp_size=dp_size)) for r in range(dp_size)]
+    per_rank = [
+        list(reader(snapshot, seed=9, micro_batch_size=micro, dp_rank=r, dp_size=dp_size))
+        for r in range(dp_size)
+    ]
     assert len({len(batches) for batches in per_rank}) == 1  # every rank sees the same number of batches
     for b in range(len(per_rank[0])):
         for r in range(dp_size):

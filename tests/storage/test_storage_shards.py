@@ -10,7 +10,7 @@ import pytest
 from storage.catalog import Catalog
 from storage.codec import topk_kl
 from storage.records import TopKRecord
-from storage.schema import ShardError
+from storage.schema import ShardError, from_planes
 from storage.settings import StorageSettings
 from storage.shards import ShardWriter, read_records, shard_dir
 from storage.snapshot import create_snapshot, load_snapshot
@@ -26,6 +26,9 @@ def edge_records() -> list[TopKRecord]:
     fragments = np.array([256, 257, 258, 300, 301, 262], np.int32)  # unicode words and byte fragments
     records.append(make_record(rng, 103, len(fragments), tokens=fragments, logits=True))
     records.append(make_record(rng, 104, 5, width=1))
+    spelled = make_record(rng, 105, 4, tokens=np.array([256, 300, 301, 262], np.int32))
+    spelled.text = "é🙂λx"  # exactly the tokens' bytes (across a split character): stored as null
+    records.append(spelled)
     return records
 
 
@@ -62,6 +65,8 @@ def test_round_trip(tmp_path, codec):
         writer(records, teacher_vocab())
     back = [r for info in writer.written for r in read_records(shard_dir(tmp_path) / info.name)]
     assert len(writer.written) == 3
+    texts = pq.read_table(shard_dir(tmp_path) / writer.written[-1].name, columns=["text"])["text"]
+    assert texts.null_count == 1  # only the record whose text the tokens spell
     assert [r.sample_id for r in back] == [r.sample_id for r in records]
     for original, decoded in zip(records, back, strict=True):
         assert_same(original, decoded, codec)
@@ -74,7 +79,7 @@ def test_shard_is_self_contained(tmp_path):
     path = shard_dir(tmp_path) / writer.written[0].name
     table = pq.read_table(path)
     assert set(table.schema.metadata) >= {b"distill.vocab", b"distill.logprob_codec"}
-    ids = pa.compute.list_flatten(table["topk_ids"]).to_numpy()
+    ids = from_planes(table["topk_ids"])
     assert ids.min() >= 0 and ids.max() < 400
     assert not path.with_suffix(".parquet.tmp").exists()
 
@@ -157,7 +162,10 @@ def test_catalog_answers_and_reindex_rebuilds_it(tmp_path):
         assert len(old) == 5
         assert catalog.stale_sample_ids(max_age_s=4.5, now=1_700_001_009.0) == {r.sample_id for r in old}
         catalog.record_failures([("abc", "HTTP 500 after 5 retries"), ("def", "bad JSON")])
-        assert [f[:2] for f in catalog.failures()] == [("abc", "HTTP 500 after 5 retries"), ("def", "bad JSON")]
+        assert [f[:2] for f in catalog.failures()] == [
+            ("abc", "HTTP 500 after 5 retries"),
+            ("def", "bad JSON"),
+        ]
         before = catalog.con.execute("SELECT * FROM records ORDER BY shard, row_index").fetchall()
         catalog.con.execute("DELETE FROM records")  # the index is disposable: rebuild it from the files
         assert catalog.reindex() == 5
@@ -181,9 +189,11 @@ def test_snapshot_is_immutable_and_content_hashed(tmp_path):
         assert create_snapshot(catalog, "train2", splits=["train"]).content_hash != train.content_hash
     loaded = load_snapshot(train.path)
     assert (loaded.content_hash, loaded.samples, loaded.tokens) == (train.content_hash, 9, train.tokens)
-    assert [(s.path, s.rows.tolist()) for s in loaded.shards] == [(s.path, s.rows.tolist()) for s in train.shards]
+    assert [(s.path, s.rows.tolist()) for s in loaded.shards] == [
+        (s.path, s.rows.tolist()) for s in train.shards
+    ]
     manifest = json.loads(train.path.read_text())
-    manifest["shards"][0]["rows"] = [[0, 1]]
+    manifest["selection"]["splits"] = ["val"]
     train.path.write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="content_hash"):
         load_snapshot(train.path)

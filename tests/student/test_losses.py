@@ -112,9 +112,9 @@ def test_soft_ce_is_kl_plus_teacher_entropy():
     settings = LossSettings(kind="soft", tail="tail_bucket", alpha=1.0, temperature=1.0, no_teacher="mask")
     loss, metrics = distillation_loss(z.clone(), b, settings)
     assert float(metrics["soft_tokens"]) == float(metrics["tokens"]) > 0
-    assert abs(float(loss) - float(metrics["kl"] + metrics["teacher_entropy"])) < 1e-12
+    assert abs(loss.item() - float(metrics["kl"] + metrics["teacher_entropy"])) < 1e-12
     ref = ref_metrics(z, b["topk_ids"], b["topk_logprobs"])
-    assert (ref["kl"] >= 0).all()
+    assert (ref["kl"] >= -1e-12).all()
 
 
 def test_padding_and_masked_positions_never_contribute():
@@ -130,9 +130,9 @@ def test_padding_and_masked_positions_never_contribute():
     garbage[outside] = 1e4 * torch.randn_like(garbage[outside])
     noisy = dict(b, labels=torch.where(outside, 0, b["labels"]))
     loss2, metrics2 = distillation_loss(garbage, noisy, settings)
-    assert abs(float(loss2) - float(loss)) < 1e-12
+    assert abs(float(loss2) - loss.item()) < 1e-12
     assert float(metrics2["kl_sum"]) == pytest.approx(float(metrics["kl_sum"]), rel=1e-12)
-    assert abs(float(loss) - float(ref_distill(z, b, settings.model_dump())[0])) < 1e-12
+    assert abs(loss.item() - float(ref_distill(z, b, settings.model_dump())[0])) < 1e-12
 
 
 def test_no_contributing_token_gives_zero_loss_not_nan():
@@ -141,7 +141,7 @@ def test_no_contributing_token_gives_zero_loss_not_nan():
     x = z.clone().requires_grad_()
     loss, metrics = distillation_loss(x.clone(), b, LossSettings())
     loss.backward()
-    assert float(loss) == 0.0 and float(metrics["tokens"]) == 0.0 and (x.grad == 0).all()
+    assert loss.item() == 0.0 and float(metrics["tokens"]) == 0.0 and (x.grad == 0).all()
 
 
 def test_duplicate_topk_ids_are_rejected():

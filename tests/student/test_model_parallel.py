@@ -46,6 +46,12 @@ def test_tp2_logits_equal_tp1(runs):
     _close(runs["tp2"]["logits_before"], runs["tp1"]["logits_before"], 1e-5)
 
 
+def test_packed_documents_do_not_see_each_other(runs):
+    """The block-diagonal mask from ``doc_ids``: a document's logits are the same packed after another one."""
+    for name in ("tp1", "tp2"):
+        assert runs[name]["packing_error"] < 1e-5, name
+
+
 def test_tp2_loss_and_metrics_equal_tp1(runs):
     a, b = runs["tp2"]["step"], runs["tp1"]["step"]
     assert a["step_tokens"] == b["step_tokens"] > 0

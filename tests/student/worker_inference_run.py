@@ -52,8 +52,17 @@ def main() -> None:
             SamplingParams(**{**d, "stop": tuple(d.get("stop", ()))}) for d in json.loads(args.params_json)
         ]
         completions = [model.generate(prompts, [sp] * len(prompts)) for sp in params]
+        # KV-cached decoding against a full recomputation: at every generated position of the greedy
+        # completions (params[0] when it is greedy), the chosen token's logit is the row's maximum
+        greedy_gap = 0.0
+        if params and params[0].temperature == 0:
+            for prompt, c in zip(prompts, completions[0], strict=True):
+                full = model.logits([prompt + c.tokens])[0][len(prompt) - 1 : -1]
+                chosen = full.gather(1, torch.as_tensor(c.tokens)[:, None])[:, 0]
+                greedy_gap = max(greedy_gap, float((full.max(dim=1).values - chosen).max()))
         if env.is_main:
             result = {
+                "greedy_gap_vs_recompute": greedy_gap,
                 "tp": tp,
                 "prompts": prompts,
                 "logits": [t.tolist() for t in batched],

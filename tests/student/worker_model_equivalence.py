@@ -6,7 +6,7 @@
 Every grid sees the same global batch (``TokenBatches`` gives DP rank r its rows of global micro-batch g): four
 packed rows of two or more documents, soft targets with top-k mass W < 1, a varying k and positions without a
 teacher. Rank 0 writes, with logits gathered over TP and DP into the full ``[4, S, V]``: ``logits_before``
-(fresh model), the step's ``loss`` / ``grad_norm`` / metrics from ``student.train.train_step``, and
+(fresh model), ``packing_error`` (two documents packed in one row vs each alone), the step's ``loss`` / ``grad_norm`` / metrics from ``student.train.train_step``, and
 ``logits_after`` (the same rows after the AdamW step). ``--save`` then writes a checkpoint of the stepped
 model; ``--load`` builds a model from a checkpoint (written at any TP) and records its ``logits_loaded``.
 """
@@ -77,6 +77,32 @@ def global_rows(env_dp_rank: int, dp: int, micro: int, accum: int) -> torch.Tens
     return torch.tensor([(g * dp + env_dp_rank) * micro + b for g in range(accum) for b in range(micro)])
 
 
+def packing_error(model: torch.nn.Module) -> float:
+    """Largest logit difference between two documents packed in one row (then padding) and each alone."""
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randint(1, VOCAB, (10,), generator=g), torch.randint(1, VOCAB, (12,), generator=g)
+
+    def logits(parts: list[torch.Tensor]) -> torch.Tensor:
+        tokens = torch.zeros(1, SEQ, dtype=torch.long)
+        doc_ids = torch.full((1, SEQ), -1)
+        positions = torch.zeros(1, SEQ, dtype=torch.long)
+        start = 0
+        for doc, part in enumerate(parts):
+            tokens[0, start : start + len(part)] = part
+            doc_ids[0, start : start + len(part)] = doc
+            positions[0, start : start + len(part)] = torch.arange(len(part))
+            start += len(part)
+        with torch.no_grad():
+            return gather_from_tensor_model_parallel_region(
+                forward_logits(model, tokens, positions, doc_ids)
+            )[0]
+
+    packed, alone_a, alone_b = logits([a, b]), logits([a]), logits([b])
+    return max(
+        (packed[:10] - alone_a[:10]).abs().max().item(), (packed[10:22] - alone_b[:12]).abs().max().item()
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -109,6 +135,7 @@ def main() -> None:
         batch = {k: torch.cat([mb[k] for mb in micro]) for k in micro[0]}
         rows = global_rows(env.dp_rank, env.dp, args.micro, args.accum)
         result: dict[str, object] = {"logits_before": full_logits(model, batch, rows, env.dp)}
+        result["packing_error"] = packing_error(model)
         optimizer = make_optimizer(model, settings)
         scheduler = make_scheduler(optimizer, settings)
         result["step"] = train_step(model, optimizer, scheduler, micro, settings, LOSS, env)

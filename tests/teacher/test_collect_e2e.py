@@ -92,3 +92,17 @@ def test_chat_messages_input_and_bytes(teacher: Teacher) -> None:
     for record in records:
         assert spell(record, vocab).decode("utf-8", "replace") == record.text
         assert record.prompt.startswith("[{")  # messages stored as canonical JSON
+
+
+@pytest.mark.parametrize(("mode", "api", "score_api"), MODES)
+def test_raw_logits_extension(teacher: Teacher, mode: str, api: str, score_api: str) -> None:
+    items = [WorkItem(prompt=p) for p in PROMPTS[:2]]
+    records, _, result = run(teacher, items, mode=mode, api=api, score_api=score_api, top_k=6, logits=True)
+    assert not result.failures
+    for record in records:
+        have = record.topk_ids >= 0
+        assert record.topk_logits is not None and np.array_equal(have, np.isfinite(record.topk_logits))
+        rows = have.any(axis=1)
+        # log-softmax shifts every logit of a position by the same constant
+        shift = record.topk_logits[rows] - record.topk_logprobs[rows]
+        np.testing.assert_allclose(shift - shift[:, :1], 0.0, atol=1e-3)

@@ -9,10 +9,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.cli import main
+from storage.catalog import Catalog
 from storage.records import TeacherVocab, TopKRecord
 from storage.shards import ShardWriter, read_records, shard_dir
 from teacher.importers import import_metaseq, import_openai_batch
 from teacher.inputs import InputError
+from tests.teacher.conftest import stored_records
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -88,3 +91,18 @@ def test_bad_lines_name_file_and_line(tmp_path: Path) -> None:
     bad.write_text(lines[0] + "\n" + json.dumps(broken) + "\n")
     with pytest.raises(InputError, match=rf"{bad}:2: choices\[0\].logprobs.content: missing"):
         list(import_openai_batch(bad, TeacherVocab()))
+
+
+def test_distill_import_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    good = FIXTURES / "metaseq_distillation.jsonl"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(good.read_text(encoding="utf-8") + '{"src": 1}\n', encoding="utf-8")
+    assert main(["import", "metaseq", str(good), str(bad), "--data-dir", str(tmp_path / "data")]) == 2
+    assert f"{bad}:3: expected a string 'prompt_text' or 'src'" in capsys.readouterr().err
+    assert not list(shard_dir(tmp_path / "data").glob("*.parquet*"))  # nothing half-imported
+    args = ["import", "openai-batch", str(FIXTURES / "openai_batch_output.jsonl")]
+    args += ["--requests", str(FIXTURES / "openai_batch_input.jsonl"), "--data-dir", str(tmp_path / "data")]
+    assert main(args) == 0
+    assert len(stored_records(tmp_path / "data")) == 2
+    with Catalog(tmp_path / "data") as catalog:
+        assert [key for key, _, _ in catalog.failures()] == ["req-3"]

@@ -1,0 +1,388 @@
+"""Storage benchmark: bytes/token and KL error of our top-k encoding vs plain int32 + f32/f16, reader speed.
+
+Two data sets at k = 20, written through the real ``ShardWriter`` (default settings: q16, zstd 9, 256 records
+per shard) and, for the baselines, as plain Parquet (same metadata columns, raw int32 teacher ids, float32 or
+float16 logprobs, same zstd level):
+
+- ``real``: a byte-level BPE (HF ``tokenizers``) trained on the Python standard library's source, a small MLP
+  language model trained here on it with torch, and its exact softmax top-20 over held-out stdlib text (the
+  residual mass is the true mass outside the top-20).
+- ``zipf200k``: synthetic: ids drawn from a Zipf(1.1) law over a 200,000-token vocabulary (randomly numbered),
+  logprobs of the top 20 of 1,500 Gaussian logits with a per-position scale in [1.5, 6] (peaked, decreasing).
+
+Reader throughput: ``PackedReader`` over a snapshot of the data set (k = 20, seq_len 1024, micro-batch 8, one
+thread for numpy, Arrow and torch), packed tokens per CPU second of that thread (wall-clock rate printed too;
+on a shared machine the CPU-time rate is the one that measures the code), including Parquet reading, decoding,
+vocabulary mapping, shuffling and packing into torch tensors.
+
+    .venv/bin/python benchmarks/storage.py            # full run, writes benchmarks/results/storage.json
+    .venv/bin/python benchmarks/storage.py --quick    # smoke version (smaller data, same code paths)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from storage.catalog import Catalog
+from storage.codec import topk_kl
+from storage.reader import PackedReader
+from storage.records import TeacherVocab, TokenMap, TopKRecord
+from storage.settings import StorageSettings
+from storage.shards import ShardWriter, read_shard_arrays, shard_dir
+from storage.snapshot import create_snapshot
+
+K = 20
+RESULTS = Path(__file__).resolve().parent / "results" / "storage.json"
+
+
+@dataclass
+class DataSet:
+    name: str
+    tokens: np.ndarray  # int64 [P] teacher ids (the actual tokens)
+    ids: np.ndarray  # int64 [P, K] sorted by decreasing logprob
+    logprobs: np.ndarray  # float32 [P, K]
+    vocab: TeacherVocab
+    sample_len: int
+    description: str
+
+
+# --- data set "real": BPE + a small MLP language model over the standard library's source ---------------------
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """The byte-level BPE alphabet (printable stand-ins for the 256 bytes), inverted."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+def stdlib_text(max_chars: int) -> str:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        parts.append(text)
+        total += len(text)
+        if total >= max_chars:
+            break
+    return "\n".join(parts)[:max_chars]
+
+
+class TinyLM(torch.nn.Module):
+    """An MLP over the previous ``context`` tokens: small, but a real softmax over the whole vocabulary."""
+
+    def __init__(self, vocab: int, context: int, dim: int = 64, hidden: int = 384) -> None:
+        super().__init__()
+        self.context = context
+        self.embed = torch.nn.Embedding(vocab + 1, dim)  # id `vocab` pads the start
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(context * dim, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, vocab)
+        )
+
+    def forward(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.embed(windows).flatten(1))
+
+
+def _windows(ids: np.ndarray, positions: np.ndarray, context: int, pad: int) -> torch.Tensor:
+    offsets = positions[:, None] - context + np.arange(context)[None, :]
+    return torch.from_numpy(np.where(offsets >= 0, ids[np.maximum(offsets, 0)], pad))
+
+
+def real_dataset(quick: bool, seed: int) -> DataSet:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    text = stdlib_text(400_000 if quick else 3_000_000)
+    vocab_size = 2048 if quick else 8192
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tokenizer.train_from_iterator([text[i : i + 10_000] for i in range(0, len(text), 10_000)], trainer)
+    ids = np.array(tokenizer.encode(text).ids, dtype=np.int64)
+    decoder = _gpt2_byte_decoder()
+    vocab = TeacherVocab()
+    for token, index in tokenizer.get_vocab().items():
+        vocab.add(index, bytes(decoder[c] for c in token))
+    V = tokenizer.get_vocab_size()
+
+    eval_tokens = 20_480 if quick else 262_144
+    train_ids, eval_ids = ids[:-eval_tokens], ids[-eval_tokens:]
+    torch.manual_seed(seed)
+    context = 8
+    model = TinyLM(V, context)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    rng = np.random.default_rng(seed)
+    steps = 60 if quick else 600
+    for _ in range(steps):
+        positions = rng.integers(0, len(train_ids), size=512)
+        loss = torch.nn.functional.cross_entropy(
+            model(_windows(train_ids, positions, context, V)), torch.from_numpy(train_ids[positions])
+        )
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    print(
+        f"  real: tokenizer V={V}, {len(ids):,} tokens; TinyLM {steps} steps, final train CE {loss.item():.3f}"
+    )
+
+    top_ids, top_lp = [], []
+    with torch.no_grad():
+        for start in range(0, eval_tokens, 8192):
+            positions = np.arange(start, min(start + 8192, eval_tokens))
+            logprobs = torch.log_softmax(model(_windows(eval_ids, positions, context, V)).double(), dim=-1)
+            values, indices = logprobs.topk(K, dim=-1)
+            top_ids.append(indices.numpy())
+            top_lp.append(values.float().numpy())
+    return DataSet(
+        "real",
+        eval_ids,
+        np.concatenate(top_ids),
+        np.concatenate(top_lp),
+        vocab,
+        512,
+        f"TinyLM softmax top-{K}, BPE V={V}, stdlib text",
+    )
+
+
+# --- data set "zipf200k" ---------------------------------------------------------------------------------------
+def zipf_dataset(quick: bool, seed: int) -> DataSet:
+    rng = np.random.default_rng(seed)
+    V, exponent = 200_000, 1.1
+    positions = 65_536 if quick else 524_288
+    cdf = np.cumsum(1.0 / np.arange(1, V + 1) ** exponent)
+    cdf /= cdf[-1]
+    label = rng.permutation(V)  # token ids carry no frequency information
+    ids = np.empty((positions, K), dtype=np.int64)
+    logprobs = np.empty((positions, K), dtype=np.float32)
+    for start in range(0, positions, 32_768):
+        n = min(32_768, positions - start)
+        draws = np.minimum(np.searchsorted(cdf, rng.random((n, 3 * K))), V - 1)
+        # the first K distinct draws of each row, in draw order: sampling without replacement, ids independent
+        # of the logprob order they are attached to
+        order = np.argsort(draws, axis=1, kind="stable")
+        ranked = np.take_along_axis(draws, order, axis=1)
+        repeat = np.zeros_like(draws, dtype=bool)
+        rows, cols = np.nonzero(ranked[:, 1:] == ranked[:, :-1])
+        repeat[rows, order[rows, cols + 1]] = True
+        first = np.take_along_axis(draws, np.argsort(repeat, axis=1, kind="stable")[:, :K], axis=1)
+        short = np.take_along_axis(repeat, np.argsort(repeat, axis=1, kind="stable")[:, :K], axis=1)
+        if short.any():  # (fewer than K distinct in 3K draws: practically never)
+            raise RuntimeError("not enough distinct draws; raise the number of draws")
+        ids[start : start + n] = label[first]
+        scale = rng.uniform(1.5, 6.0, size=(n, 1))
+        logits = rng.standard_normal((n, 1500)) * scale
+        top = -np.sort(-logits, axis=1)[:, :K]
+        peak = logits.max(axis=1, keepdims=True)
+        lse = peak + np.log(np.exp(logits - peak).sum(axis=1, keepdims=True))
+        logprobs[start : start + n] = (top - lse).astype(np.float32)
+    vocab = TeacherVocab()
+    letters = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz_ ", dtype=np.uint8)
+    lengths = rng.integers(2, 9, size=V)
+    for token in range(V):
+        vocab.add(token, letters[rng.integers(0, len(letters), size=lengths[token])].tobytes())
+    actual = ids[:, 0].copy()
+    off = rng.random(positions) < 0.3  # the actual next token is not always the teacher's top-1
+    actual[off] = ids[off, rng.integers(1, K, size=int(off.sum()))]
+    return DataSet(
+        "zipf200k", actual, ids, logprobs, vocab, 1024, f"Zipf({exponent}) ids over V={V}, Gaussian top-{K}"
+    )
+
+
+# --- measurements ---------------------------------------------------------------------------------------------
+def to_records(data: DataSet) -> list[TopKRecord]:
+    records = []
+    for i, start in enumerate(range(0, len(data.tokens), data.sample_len)):
+        end = min(start + data.sample_len, len(data.tokens))
+        text = b"".join(data.vocab.bytes_of(int(t)) for t in data.tokens[start:end]).decode(
+            "utf-8", "replace"
+        )
+        records.append(
+            TopKRecord(
+                sample_id=f"{data.name}-{i:06d}",
+                split="train",
+                teacher=f"bench-{data.name}",
+                mode="score",
+                prompt="",
+                text=text,
+                tokens=data.tokens[start:end].astype(np.int32),
+                topk_ids=data.ids[start:end].astype(np.int32),
+                topk_logprobs=data.logprobs[start:end],
+                params={"top_logprobs": K, "temperature": 1.0},
+                created_at=1.7e9 + i,
+                prompt_tokens=0,
+                completion_tokens=end - start,
+                finish_reason="length",
+            )
+        )
+    return records
+
+
+def baseline_bytes(records: list[TopKRecord], logprob_type: pa.DataType, settings: StorageSettings) -> int:
+    """Plain Parquet of the same records: raw int32 ids and float logprobs (k = 20 fixed), same zstd level."""
+    total = 0
+    per_shard = settings.shard_max_records
+    for start in range(0, len(records), per_shard):
+        chunk = records[start : start + per_shard]
+        flat_ids = [r.topk_ids.ravel().tolist() for r in chunk]
+        flat_lp = [r.topk_logprobs.ravel().tolist() for r in chunk]
+        table = pa.table(
+            {
+                "sample_id": [r.sample_id for r in chunk],
+                "split": [r.split for r in chunk],
+                "teacher": [r.teacher for r in chunk],
+                "mode": [r.mode for r in chunk],
+                "prompt": [r.prompt for r in chunk],
+                "text": [r.text for r in chunk],
+                "params": [json.dumps(r.params, sort_keys=True) for r in chunk],
+                "created_at": [r.created_at for r in chunk],
+                "prompt_tokens": pa.array([r.prompt_tokens for r in chunk], pa.int32()),
+                "completion_tokens": pa.array([r.completion_tokens for r in chunk], pa.int32()),
+                "finish_reason": [r.finish_reason for r in chunk],
+                "tokens": pa.array([r.tokens.tolist() for r in chunk], pa.list_(pa.int32())),
+                "topk_ids": pa.array(flat_ids, pa.list_(pa.int32())),
+                "topk_logprobs": pa.array(flat_lp, pa.list_(logprob_type)),
+            }
+        )
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd", compression_level=settings.compression_level)
+        total += sink.tell()
+    return total
+
+
+def column_breakdown(paths: list[Path], tokens: int) -> dict[str, float]:
+    """Compressed bytes/token per column, plus the vocabulary table in the footer."""
+    sizes: dict[str, float] = {}
+    for path in paths:
+        meta = pq.ParquetFile(path).metadata
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                name = column.path_in_schema.split(".")[0]
+                sizes[name] = sizes.get(name, 0) + column.total_compressed_size
+        vocab = pq.read_schema(path).metadata[b"distill.vocab"]
+        sizes["(vocab table)"] = sizes.get("(vocab table)", 0) + len(vocab)
+    return {name: size / tokens for name, size in sorted(sizes.items(), key=lambda kv: -kv[1])}
+
+
+def identity_map(vocab_bytes: list[bytes], index: dict[bytes, int]) -> TokenMap:
+    return TokenMap(single=np.array([index.get(b, -1) for b in vocab_bytes], dtype=np.int64), expand={})
+
+
+def measure(data: DataSet, work: Path, quick: bool) -> dict[str, float]:
+    settings = StorageSettings(data_dir=work)
+    records = to_records(data)
+    tokens = len(data.tokens)
+    with Catalog(work) as catalog:
+        with ShardWriter(work, settings, catalog=catalog) as writer:
+            writer(records, data.vocab)
+        snapshot = create_snapshot(catalog, "bench")
+    paths = [shard_dir(work) / info.name for info in writer.written]
+    ours = sum(p.stat().st_size for p in paths)
+
+    decoded = np.concatenate([read_shard_arrays(p).topk_logprobs for p in paths])
+    kl = topk_kl(data.logprobs.ravel(), decoded, np.full(tokens, K))
+    f32 = baseline_bytes(records, pa.float32(), settings)
+    f16 = baseline_bytes(records, pa.float16(), settings)
+
+    index = {data.vocab.bytes_of(t): t for t, _ in data.vocab.items()}
+    torch.set_num_threads(1)
+    cpu_rate, wall_rate = 0.0, 0.0
+    for _ in range(1 if quick else 3):
+        reader = PackedReader(
+            snapshot, seq_len=1024, micro_batch_size=8, map_vocab=lambda vb: identity_map(vb, index), seed=0
+        )
+        packed, cpu, wall = 0, time.process_time(), time.perf_counter()
+        for batch in reader:
+            packed += batch["tokens"].numel()
+        cpu_rate = max(cpu_rate, packed / (time.process_time() - cpu))
+        wall_rate = max(wall_rate, packed / (time.perf_counter() - wall))
+    return {
+        "tokens": tokens,
+        "shards": len(paths),
+        "bytes_per_token": ours / tokens,
+        "kl_mean": float(kl.mean()),
+        "kl_max": float(kl.max()),
+        "reader_tokens_per_s": cpu_rate,
+        "reader_tokens_per_s_wall": wall_rate,
+        "bytes_per_token_int32_f32": f32 / tokens,
+        "bytes_per_token_int32_f16": f16 / tokens,
+        "columns_bytes_per_token": column_breakdown(paths, tokens),
+        "description": data.description,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Small data sets (smoke test).")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="Where to write the JSON results.")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    pa.set_cpu_count(1)  # one core: no Arrow decoding threads either
+    pa.set_io_thread_count(1)
+    results = {}
+    for build in (real_dataset, zipf_dataset):
+        started = time.perf_counter()
+        data = build(args.quick, args.seed)
+        with tempfile.TemporaryDirectory() as work:
+            r = measure(data, Path(work), args.quick)
+        results[data.name] = r
+        print(f"\n[{data.name}] {data.description}: {r['tokens']:,} tokens, {r['shards']} shard(s)")
+        print(f"  bytes/token  ours (q16) {r['bytes_per_token']:7.2f}")
+        print(
+            f"               int32+f32  {r['bytes_per_token_int32_f32']:7.2f}   "
+            f"ratio {r['bytes_per_token_int32_f32'] / r['bytes_per_token']:.2f}x"
+        )
+        print(
+            f"               int32+f16  {r['bytes_per_token_int32_f16']:7.2f}   "
+            f"ratio {r['bytes_per_token_int32_f16'] / r['bytes_per_token']:.2f}x"
+        )
+        print(f"  KL(original || decoded), k+1 bins: mean {r['kl_mean']:.2e}  max {r['kl_max']:.2e} nats")
+        print(
+            f"  reader: {r['reader_tokens_per_s']:,.0f} packed tokens per CPU second (k={K}, one thread; "
+            f"{r['reader_tokens_per_s_wall']:,.0f} per wall second, load average {os.getloadavg()[0]:.1f})"
+        )
+        print(
+            "  columns (bytes/token): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in r["columns_bytes_per_token"].items())
+        )
+        print(f"  ({time.perf_counter() - started:.0f} s)")
+    results["settings"] = {"k": K, "quick": args.quick, "codec": "q16", "compression": "zstd-9"}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.output}")
+    ok = all(
+        results[n]["bytes_per_token"] <= 50 and results[n]["kl_mean"] < 1e-4 and results[n]["kl_max"] < 1e-3
+        for n in ("real", "zipf200k")
+    )
+    print("targets (<= 50 B/token, KL mean < 1e-4, max < 1e-3):", "met" if ok else "NOT met")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Training throughput with soft CE vs hard CE: tokens/s of a full training step of the same student.
+
+One process (a world of one; under ``torchrun`` the launched grid, ``--tp`` and DP = world / TP). Two copies of the same
+model (same seed) train side by side on the same packed batches (top-k = 20 synthetic teacher targets with
+mass < 1), their steps interleaved so that machine load affects both alike: ``student.train.train_step``
+(forward, ``distillation_loss``, backward, DP all-reduce, clipping, AdamW) with ``kind="soft"`` (tail bucket)
+and ``kind="hard"`` (megatron-core's vocab-parallel CE). Reported: median step time and tokens/s of each, and
+``soft_over_hard_tokens_per_s`` (1.0 = soft distillation costs nothing extra). CUDA: bf16 autocast, and the
+peak memory of each.
+
+    .venv/bin/python benchmarks/train.py            # 4 layers, width 256, vocab 32k, 4 x 256 tokens per step
+    .venv/bin/python benchmarks/train.py --quick    # tiny smoke run (writes train_quick.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from student.batches import TokenBatches, TokenCorpus  # noqa: E402
+from student.distributed import init_distributed, seed_everything, teardown  # noqa: E402
+from student.model import build_model  # noqa: E402
+from student.schedule import make_scheduler  # noqa: E402
+from student.settings import LossSettings, ModelSettings, TrainSettings  # noqa: E402
+from student.train import make_optimizer, train_step  # noqa: E402
+
+FULL = {
+    "layers": 4,
+    "hidden": 256,
+    "heads": 8,
+    "ffn": 688,
+    "vocab": 32000,
+    "seq": 256,
+    "micro": 4,
+    "steps": 12,
+}
+QUICK = {"layers": 2, "hidden": 64, "heads": 4, "ffn": 128, "vocab": 2000, "seq": 64, "micro": 2, "steps": 4}
+K = 20
+LOSSES = {"soft": LossSettings(kind="soft", tail="tail_bucket"), "hard": LossSettings(kind="hard")}
+
+
+def synthetic_corpus(vocab: int, tokens: int, seed: int = 0) -> TokenCorpus:
+    """Random documents with a peaked random top-k teacher (mass about 0.9) at every predicted position."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(64, 512, size=tokens // 200 + 1)
+    corpus = TokenCorpus.from_documents([rng.integers(1, vocab, size=n).tolist() for n in lengths])
+    n = len(corpus.tokens)
+    base = rng.integers(0, vocab, size=(n, 1))
+    corpus.topk_ids = ((base + np.arange(K) * (vocab // K)) % vocab).astype(np.int32)
+    weights = np.sort(rng.dirichlet(np.full(K, 0.3), size=n), axis=1)[:, ::-1] * 0.9
+    corpus.topk_logprobs = np.log(np.maximum(weights, 1e-30)).astype(np.float32)
+    return corpus
+
+
+def run(size: dict, threads: int, tp: int) -> dict:
+    torch.set_num_threads(threads)
+    env = init_distributed(tp)
+    try:
+        return _measure(size, env)
+    finally:
+        teardown()
+
+
+def _measure(size: dict, env) -> dict:
+    model_settings = ModelSettings(
+        num_layers=size["layers"],
+        hidden_size=size["hidden"],
+        num_attention_heads=size["heads"],
+        ffn_hidden_size=size["ffn"],
+        seq_length=size["seq"],
+    )
+    settings = TrainSettings(
+        tensor_parallel=env.tp,
+        data_parallel=env.dp,
+        micro_batch_size=size["micro"],
+        steps=1000,
+        warmup_steps=0,
+    )
+    batches = TokenBatches(
+        synthetic_corpus(size["vocab"], size["seq"] * size["micro"] * env.dp * (size["steps"] + 3)),
+        size["seq"],
+        size["micro"],
+        seed=0,
+        dp_rank=env.dp_rank,
+        dp_size=env.dp,
+    )
+    trainers = {}
+    for name in LOSSES:
+        seed_everything(1234)
+        model = build_model(model_settings, size["vocab"])
+        optimizer = make_optimizer(model, settings)
+        trainers[name] = (model, optimizer, make_scheduler(optimizer, settings))
+    cuda = env.device.type == "cuda"
+    times: dict[str, list[float]] = {name: [] for name in LOSSES}
+    peak: dict[str, int] = {}
+    losses: dict[str, float] = {}
+    warmup = 2
+    for step in range(warmup + size["steps"]):
+        micro = [batches.micro_batch(step)]
+        for name, loss_settings in LOSSES.items():
+            model, optimizer, scheduler = trainers[name]
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            result = train_step(model, optimizer, scheduler, micro, settings, loss_settings, env)
+            if cuda:
+                torch.cuda.synchronize()
+                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+            losses[name] = result["loss"]
+    tokens = size["seq"] * size["micro"] * env.dp
+    report = {
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
+        "tensor_parallel": env.tp,
+        "data_parallel": env.dp,
+        "size": size,
+        "top_k": K,
+        "tokens_per_step": tokens,
+    }
+    for name in LOSSES:
+        median = statistics.median(times[name])
+        report[f"{name}_step_ms"] = 1000 * median
+        report[f"{name}_tokens_per_s"] = tokens / median
+        report[f"{name}_final_loss"] = losses[name]
+        if cuda:
+            report[f"{name}_peak_mib"] = peak[name] / 2**20
+    report["soft_over_hard_tokens_per_s"] = report["soft_tokens_per_s"] / report["hard_tokens_per_s"]
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny model, few steps (a smoke run)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    parser.add_argument(
+        "--tp", type=int, default=1, help="tensor-parallel size (under torchrun; DP = world / TP)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="result JSON (default benchmarks/results/train[_quick].json)"
+    )
+    args = parser.parse_args()
+    report = run(QUICK if args.quick else FULL, args.threads, args.tp) | {"quick": args.quick}
+    out = args.out or ROOT / "benchmarks" / "results" / ("train_quick.json" if args.quick else "train.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"device: {report['device']}, {report['tokens_per_step']} tokens/step, top-k {K}")
+    for name in LOSSES:
+        print(
+            f"  {name:4s}: {report[f'{name}_step_ms']:8.1f} ms/step  {report[f'{name}_tokens_per_s']:10.0f} tokens/s"
+        )
+    print(f"soft_over_hard_tokens_per_s = {report['soft_over_hard_tokens_per_s']:.3f}  -> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""The distill and refresh flows through Prefect (test harness, real stages, real torchrun, real teacher server).
+
+One sequence on one tiny project, each step checked against the task-run states Prefect recorded:
+1. first run: every stage runs;  2. same config again: every stage Cached;  3. a stage output deleted: that
+stage runs again, nothing else;  4. only a [train] knob changed: train/evaluate/report run, nothing upstream;
+5. `distill run` (no Prefect) on the same config: every stage reused, summary.json, last line the report;
+6. prompts added, refresh flow: collect asks the teacher for the new prompts only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.pipeline.tiny_project import TinyProject
+from tests.support import PYTHON, ROOT, test_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+STAGES = {
+    "prepare_corpus",
+    "tokenizer",
+    "bootstrap_teacher",
+    "collect",
+    "snapshot",
+    "train_soft",
+    "train_hard",
+    "evaluate",
+    "report",
+}
+DOWNSTREAM_OF_TRAIN = {"train_soft", "train_hard", "evaluate", "report"}
+
+
+def task_states(state) -> dict[str, str]:
+    """{task run name: final state name} of the flow run that ended in ``state``."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    return {run.name: run.state.name for run in runs}
+
+
+def summary_of(report: str) -> dict:
+    return json.loads((Path(report).parent / "summary.json").read_text())
+
+
+def test_distill_flow_caching_and_refresh(prefect_harness: Path, tiny_project: TinyProject) -> None:
+    from flows.distill import distill, refresh
+
+    config = tiny_project.config()
+
+    # 1. every stage runs
+    state = distill(config=str(config), return_state=True)
+    assert state.is_completed(), state.message
+    states = task_states(state)
+    assert set(states) == STAGES
+    assert set(states.values()) == {"Completed"}, states
+    report = state.result()
+    assert Path(report).is_file() and Path(report).name == "report.html"
+    summary = summary_of(report)
+    assert summary["status"] == "completed" and set(summary["stages"]) == STAGES
+    assert {s["status"] for s in summary["stages"].values()} == {"ran"}
+    assert all(Path(s["path"]).is_dir() for s in summary["stages"].values())
+
+    # 2. same config: every stage Cached (no work, no teacher, no torchrun)
+    state = distill(config=str(config), return_state=True)
+    assert set(task_states(state).values()) == {"Cached"}, task_states(state)
+    assert {s["status"] for s in summary_of(state.result())["stages"].values()} == {"cached"}
+
+    # 3. an output gone: that stage runs again, the others stay Cached
+    shutil.rmtree(summary["stages"]["report"]["path"])
+    state = distill(config=str(config), return_state=True)
+    states = task_states(state)
+    assert states.pop("report") == "Completed" and set(states.values()) == {"Cached"}, states
+
+    # 4. only a training knob: train/evaluate/report run, nothing upstream
+    knob = tiny_project.config("tiny-lr.toml", train={"lr": 0.002})
+    state = distill(config=str(knob), return_state=True)
+    states = task_states(state)
+    assert {n for n, s in states.items() if s == "Completed"} == DOWNSTREAM_OF_TRAIN, states
+    assert {s for n, s in states.items() if n not in DOWNSTREAM_OF_TRAIN} == {"Cached"}
+
+    # 5. the CLI without Prefect on the same config: all reused; the last line is this run's report
+    out = subprocess.run(
+        [PYTHON, "-m", "pipeline.cli", "run", str(knob)],
+        cwd=ROOT,
+        env=test_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    last = out.stdout.strip().splitlines()[-1]
+    assert Path(last).is_file() and Path(last).parent.parent == tiny_project.root / "runs"
+    cli_summary = summary_of(last)
+    assert {s["status"] for s in cli_summary["stages"].values()} == {"cached"}
+    assert set(cli_summary["stages"]) == STAGES and cli_summary["report"] == last
+
+    # 6. new prompts: the refresh flow asks the teacher for exactly those
+    collected_before = summary["stages"]["collect"]["path"]
+    before = json.loads((Path(collected_before) / "selection.json").read_text())
+    new = [f"def added_{i}(x):\n    return x * {i} + {i}\n" for i in range(3)]
+    tiny_project.add_prompts(new)
+    state = refresh(config=str(knob), return_state=True)
+    assert state.is_completed(), state.message
+    counts = state.result()
+    assert counts["requested"] == 3 and counts["collected"] == 3 and counts["failed"] == 0, counts
+    assert counts["skipped"] == sum(len(v) for v in before["samples"].values())
+    states = task_states(state)
+    assert states["collect"] == "Completed" and states["bootstrap_teacher"] == "Cached", states
