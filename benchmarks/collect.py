@@ -46,7 +46,9 @@ def texts(n: int) -> list[str]:
     return [f"sample {i}: def f{i}(x):\n    return x * {i}\n" for i in range(n)]
 
 
-def client_concurrency(base_url: str, resolve, concurrency: int, latency_s: float, requests: int) -> dict:
+def client_concurrency(
+    base_url: str, resolve, concurrency: int, latency_s: float, requests: int, sequential_requests: int
+) -> dict:
     """Cheap requests (one generated token, top-1) so the injected latency dominates, as with a remote API."""
     settings = TeacherSettings(
         model="local-teacher", mode="generate", api="completions", top_k=1, max_tokens=1, temperature=0.0,
@@ -65,7 +67,6 @@ def client_concurrency(base_url: str, resolve, concurrency: int, latency_s: floa
     timed_collect([f"warm-up {i}" for i in range(concurrency)])  # connections, server first forwards
     achieved = requests / timed_collect(texts(requests))
 
-    sequential_requests = max(5, requests // concurrency)
     client = OpenAI(base_url=base_url, api_key="no-key", max_retries=0)
     started = time.perf_counter()
     for text in texts(sequential_requests):
@@ -81,10 +82,17 @@ def client_concurrency(base_url: str, resolve, concurrency: int, latency_s: floa
         f"  collector   {achieved:8.2f} req/s   ideal C/L {ideal:8.2f} req/s   fraction {achieved / ideal:.3f}"
     )
     print(f"  sequential  {sequential:8.2f} req/s   speedup {achieved / sequential:.2f}x")
+    # A request costs L plus the server's own time (seen in the sequential loop): the best a client can reach.
+    overhead_ms = (1 / sequential - latency_s) * 1000
+    print(
+        f"  per-request server time beyond L: {overhead_ms:.0f} ms (caps the fraction at {latency_s * sequential:.3f})"
+    )
     return {
         "achieved_rps": achieved,
         "ideal_rps": ideal,
         "sequential_rps": sequential,
+        "sequential_overhead_ms": overhead_ms,
+        "fraction_cap_from_sequential": latency_s * sequential,
         "rate_fraction_of_ideal": achieved / ideal,
         "speedup_vs_sequential": achieved / sequential,
     }
@@ -117,7 +125,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="Fewer requests (a smoke run).")
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--latency-ms", type=float, default=1000.0)
+    parser.add_argument(
+        "--latency-ms", type=float, default=3000.0, help="Injected per-request latency (a remote teacher's)."
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "collect.json")
     args = parser.parse_args()
     requests = args.concurrency * (8 if args.quick else 24)
@@ -136,7 +146,12 @@ def main() -> int:
     )
     with local_teacher_server(server, **common) as running:
         client = client_concurrency(
-            running.base_url, tokenizer.token_bytes, args.concurrency, latency_s, requests
+            running.base_url,
+            tokenizer.token_bytes,
+            args.concurrency,
+            latency_s,
+            requests,
+            4 if args.quick else 8,
         )
     batching_settings = LocalTeacherSettings(max_batch_size=args.concurrency, batch_wait_ms=2)
     with local_teacher_server(batching_settings, **common) as running:
@@ -155,6 +170,8 @@ def main() -> int:
         "latency_ms": args.latency_ms,
         "requests": requests,
         "model": model.model_dump(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
         **client,
         **batching,
     }

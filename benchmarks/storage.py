@@ -42,8 +42,8 @@ import torch
 
 from storage.catalog import Catalog
 from storage.codec import topk_kl
-from storage.reader import PackedReader
-from storage.records import TeacherVocab, TokenMap, TopKRecord
+from storage.reader import PackedReader, identity_token_map
+from storage.records import TeacherVocab, TopKRecord
 from storage.settings import StorageSettings
 from storage.shards import ShardWriter, read_shard_arrays, shard_dir
 from storage.snapshot import create_snapshot
@@ -93,7 +93,7 @@ def stdlib_text(max_chars: int) -> str:
 class TinyLM(torch.nn.Module):
     """An MLP over the previous ``context`` tokens: small, but a real softmax over the whole vocabulary."""
 
-    def __init__(self, vocab: int, context: int, dim: int = 64, hidden: int = 384) -> None:
+    def __init__(self, vocab: int, context: int, dim: int = 64, hidden: int = 256) -> None:
         super().__init__()
         self.context = context
         self.embed = torch.nn.Embedding(vocab + 1, dim)  # id `vocab` pads the start
@@ -113,8 +113,8 @@ def _windows(ids: np.ndarray, positions: np.ndarray, context: int, pad: int) -> 
 def real_dataset(quick: bool, seed: int) -> DataSet:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    text = stdlib_text(400_000 if quick else 3_000_000)
-    vocab_size = 2048 if quick else 8192
+    text = stdlib_text(200_000 if quick else 3_000_000)
+    vocab_size = 1024 if quick else 4096
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -129,16 +129,16 @@ def real_dataset(quick: bool, seed: int) -> DataSet:
         vocab.add(index, bytes(decoder[c] for c in token))
     V = tokenizer.get_vocab_size()
 
-    eval_tokens = 20_480 if quick else 262_144
+    eval_tokens = 8_192 if quick else 131_072
     train_ids, eval_ids = ids[:-eval_tokens], ids[-eval_tokens:]
     torch.manual_seed(seed)
     context = 8
     model = TinyLM(V, context)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rng = np.random.default_rng(seed)
-    steps = 60 if quick else 600
+    steps = 30 if quick else 400
     for _ in range(steps):
-        positions = rng.integers(0, len(train_ids), size=512)
+        positions = rng.integers(0, len(train_ids), size=256)
         loss = torch.nn.functional.cross_entropy(
             model(_windows(train_ids, positions, context, V)), torch.from_numpy(train_ids[positions])
         )
@@ -172,7 +172,7 @@ def real_dataset(quick: bool, seed: int) -> DataSet:
 def zipf_dataset(quick: bool, seed: int) -> DataSet:
     rng = np.random.default_rng(seed)
     V, exponent = 200_000, 1.1
-    positions = 65_536 if quick else 524_288
+    positions = 16_384 if quick else 524_288
     cdf = np.cumsum(1.0 / np.arange(1, V + 1) ** exponent)
     cdf /= cdf[-1]
     label = rng.permutation(V)  # token ids carry no frequency information
@@ -247,8 +247,13 @@ def baseline_bytes(records: list[TopKRecord], logprob_type: pa.DataType, setting
     per_shard = settings.shard_max_records
     for start in range(0, len(records), per_shard):
         chunk = records[start : start + per_shard]
-        flat_ids = [r.topk_ids.ravel().tolist() for r in chunk]
-        flat_lp = [r.topk_logprobs.ravel().tolist() for r in chunk]
+
+        def flat(values: list[np.ndarray], value_type: pa.DataType) -> pa.ListArray:
+            lengths = np.array([v.size for v in values], dtype=np.int64)
+            offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+            data = pa.array(np.concatenate([v.ravel() for v in values]).astype(value_type.to_pandas_dtype()))
+            return pa.ListArray.from_arrays(pa.array(offsets), data)
+
         table = pa.table(
             {
                 "sample_id": [r.sample_id for r in chunk],
@@ -262,9 +267,9 @@ def baseline_bytes(records: list[TopKRecord], logprob_type: pa.DataType, setting
                 "prompt_tokens": pa.array([r.prompt_tokens for r in chunk], pa.int32()),
                 "completion_tokens": pa.array([r.completion_tokens for r in chunk], pa.int32()),
                 "finish_reason": [r.finish_reason for r in chunk],
-                "tokens": pa.array([r.tokens.tolist() for r in chunk], pa.list_(pa.int32())),
-                "topk_ids": pa.array(flat_ids, pa.list_(pa.int32())),
-                "topk_logprobs": pa.array(flat_lp, pa.list_(logprob_type)),
+                "tokens": flat([r.tokens for r in chunk], pa.int32()),
+                "topk_ids": flat([r.topk_ids for r in chunk], pa.int32()),
+                "topk_logprobs": flat([r.topk_logprobs.astype(np.float32) for r in chunk], logprob_type),
             }
         )
         sink = io.BytesIO()
@@ -289,10 +294,6 @@ def column_breakdown(paths: list[Path], tokens: int) -> dict[str, float]:
     return {name: size / tokens for name, size in sorted(sizes.items(), key=lambda kv: -kv[1])}
 
 
-def identity_map(vocab_bytes: list[bytes], index: dict[bytes, int]) -> TokenMap:
-    return TokenMap(single=np.array([index.get(b, -1) for b in vocab_bytes], dtype=np.int64), expand={})
-
-
 def measure(data: DataSet, work: Path, quick: bool) -> dict[str, float]:
     settings = StorageSettings(data_dir=work)
     records = to_records(data)
@@ -309,12 +310,12 @@ def measure(data: DataSet, work: Path, quick: bool) -> dict[str, float]:
     f32 = baseline_bytes(records, pa.float32(), settings)
     f16 = baseline_bytes(records, pa.float16(), settings)
 
-    index = {data.vocab.bytes_of(t): t for t, _ in data.vocab.items()}
+    student_vocab = [data.vocab.bytes_of(t) for t in range(len(data.vocab))]  # the student shares the bytes
     torch.set_num_threads(1)
     cpu_rate, wall_rate = 0.0, 0.0
     for _ in range(1 if quick else 3):
         reader = PackedReader(
-            snapshot, seq_len=1024, micro_batch_size=8, map_vocab=lambda vb: identity_map(vb, index), seed=0
+            snapshot, seq_len=1024, micro_batch_size=8, map_vocab=identity_token_map(student_vocab), seed=0
         )
         packed, cpu, wall = 0, time.process_time(), time.perf_counter()
         for batch in reader:

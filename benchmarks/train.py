@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -128,6 +129,7 @@ def _measure(size: dict, env) -> dict:
         "size": size,
         "top_k": K,
         "tokens_per_step": tokens,
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine slows both sides alike
     }
     for name in LOSSES:
         median = statistics.median(times[name])

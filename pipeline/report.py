@@ -45,7 +45,7 @@ from pipeline.config import DistillConfig, render_config
 
 SCHEMA = "distill-eval/1"
 METRIC_LABELS = {
-    "ce": ("hard CE (nats/token)", "lower"),
+    "ce": ("hard CE, nats/token", "lower"),
     "perplexity": ("perplexity", "lower"),
     "soft_ce": ("soft CE over k+1 bins", "lower"),
     "kl_teacher_student": ("KL(teacher‖student), k+1 bins", "lower"),
@@ -203,10 +203,14 @@ def plot_curves(curves: Mapping[str, Mapping[str, list[tuple[int, float]]]]) -> 
     return buffer.getvalue()
 
 
-def _fmt(value: float | None, digits: int = 4) -> str:
+def _fmt(value: float | None, sign: bool = False) -> str:
+    """4 decimals, or 3 significant digits below 0.001 (KL of close models is that small)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{value:.{digits}f}"
+    plus = "+" if sign else ""
+    if value != 0 and abs(value) < 1e-3:
+        return f"{value:{plus}.2e}"
+    return f"{value:{plus}.4f}"
 
 
 def _cell(entry: Mapping[str, float | None] | None) -> str:
@@ -229,35 +233,41 @@ def metric_table(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
     return header, rows
 
 
-def _verdict(name: str, entry: Mapping[str, float], better: str) -> str:
+def _verdict(name: str, entry: Mapping[str, float | None], better: str, level: str) -> str:
     value, low, high = entry.get("value"), entry.get("ci_low"), entry.get("ci_high")
     a, b = name.split("-", 1)
     if any(x is None or math.isnan(x) for x in (value, low, high)):
         return f"{a} − {b}: not measurable on this held-out data"
+    text = f"{a} − {b} = {_fmt(value, True)} ({level} CI [{_fmt(low, True)}, {_fmt(high, True)}])"
     if low > 0 or high < 0:
         winner = a if (value < 0) == (better == "lower") else b
-        return (
-            f"{a} − {b} = {value:+.4f} (95% CI [{low:+.4f}, {high:+.4f}]): the interval excludes 0, "
-            f"**{winner} is better**"
-        )
-    return f"{a} − {b} = {value:+.4f} (CI [{low:+.4f}, {high:+.4f}]): the interval includes 0, no clear difference"
+        return f"{text}: the interval excludes 0, **{winner} is better**"
+    return f"{text}: the interval includes 0, no clear difference"
 
 
 def result_lines(metrics: Mapping[str, Any]) -> list[str]:
-    """The headline sentences: each paired difference on hard CE and KL(teacher‖student)."""
+    """The headline sentences: the held-out set, each paired difference of students on hard CE and
+    KL(teacher‖student), and the teacher's self-check when the teacher was evaluated too."""
     held = metrics.get("held_out", {})
-    conf = metrics.get("bootstrap", {}).get("confidence", 0.95)
+    boot = metrics.get("bootstrap", {})
+    level = f"{round(boot.get('confidence', 0.95) * 100)}%"
     lines = [
         f"Held-out: {held.get('sequences', '?')} sequences, {held.get('tokens', '?')} tokens "
-        f"({held.get('soft_tokens', '?')} with teacher top-k), never trained on; "
-        f"{round(conf * 100)}% intervals from {metrics.get('bootstrap', {}).get('samples', '?')} bootstrap "
-        "resamples of sequences."
+        f"({held.get('soft_tokens', '?')} with teacher top-k), never trained on; {level} intervals from "
+        f"{boot.get('samples', '?')} bootstrap resamples of sequences."
     ]
     for name, diff in metrics.get("differences", {}).items():
         for key in HEADLINE:
             label, better = METRIC_LABELS[key]
-            verdict = _verdict(name, diff[key], better).replace("95%", f"{round(conf * 100)}%")
-            lines.append(f"{label}: {verdict}.")
+            lines.append(f"{label}: {_verdict(name, diff[key], better, level)}.")
+    for name in metrics["models"]:
+        entry = metrics[name]
+        if entry.get("role") == "teacher":
+            kl, agree = entry["kl_teacher_student"]["value"], entry["top1_agreement"]["value"]
+            lines.append(
+                f"Check: the teacher checkpoint '{name}' against the stored top-k: KL = {_fmt(kl)}, top-1 "
+                f"agreement = {_fmt(agree)} (about 0 and 1 when the held-out top-k came from this checkpoint)."
+            )
     return lines
 
 
@@ -315,9 +325,9 @@ def render_markdown(
     stats = _stats_rows(data_stats)
     if stats:
         out += ["## Data", "", _md_table(["", "value"], [list(r) for r in stats]), ""]
+    if metrics.get("generations"):
+        out += ["## Sample generations", "", "Greedy continuations of held-out prompts.", ""]
     for sample in metrics.get("generations", []):
-        if not out[-2].startswith("## Sample generations"):
-            out += ["## Sample generations", ""]
         out += ["**Prompt**", "", _code_block(sample["prompt"]), ""]
         if sample.get("reference") is not None:
             out += ["*held-out text*", "", _code_block(sample["reference"]), ""]
@@ -378,7 +388,10 @@ def render_html(
         parts += ["<h2>Data</h2>", _html_table(["", "value"], [list(r) for r in stats], table_id="data")]
     generations = metrics.get("generations", [])
     if generations:
-        parts.append('<h2>Sample generations</h2><div id="generations">')
+        parts.append(
+            '<h2>Sample generations</h2><p class="note">Greedy continuations of held-out prompts.</p>'
+        )
+        parts.append('<div id="generations">')
         for sample in generations:
             columns = [("held-out text", sample["reference"])] if sample.get("reference") is not None else []
             columns += list(sample["outputs"].items())

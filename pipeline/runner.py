@@ -127,7 +127,7 @@ def publish_report(report: StageResult, run_dir: Path) -> Path:
         target = run_dir / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(report.file(name), target)
-    return run_dir / "report.html"
+    return (run_dir / "report.html").resolve()
 
 
 def _announce(result: StageResult) -> None:

@@ -342,12 +342,12 @@ def collect(
             writer.close()
             catalog.record_failures([(f.sample_id, f.reason) for f in result.failures])
             selection = {
-                split: sorted(
-                    sid for _, _, sid in catalog.select(splits=[split], teacher=name, params=params)
-                )
+                split: sorted(row[2] for row in catalog.select(splits=[split], teacher=name, params=params))
                 for split in SPLITS
             }
-            shards = sorted({shard for shard, _, _ in catalog.select(teacher=name, params=params)})
+            shards = sorted(
+                {row[0] for row in catalog.select(teacher=name, params=params)}
+            )  # (shard, row, id, ...)
         ctx.report_progress("collect", 100.0)
         if result.failures and result.collected == 0:
             raise CollectError(

@@ -246,8 +246,8 @@ class Catalog:
         mode: str | None = None,
         params: dict[str, Any] | None = None,
         max_samples: int | None = None,
-    ) -> list[tuple[str, int, str]]:
-        """``(shard, row, sample_id)`` of the unique records matching the filters, ordered by shard and row."""
+    ) -> list[tuple[str, int, str, int]]:
+        """``(shard, row, sample_id, n_tokens)`` of the unique records matching the filters, by shard and row."""
         clauses, args = ["1=1"], []
         if splits is not None:
             clauses.append(f"split IN ({', '.join('?' for _ in splits)})")
@@ -259,7 +259,9 @@ class Catalog:
         if params is not None:
             clauses.append("params = ?")
             args.append(params_key(params))
-        query = f"SELECT shard, row_index, sample_id FROM unique_records WHERE {' AND '.join(clauses)}"
+        query = (
+            f"SELECT shard, row_index, sample_id, n_tokens FROM unique_records WHERE {' AND '.join(clauses)}"
+        )
         query += " ORDER BY sample_id" + (f" LIMIT {int(max_samples)}" if max_samples is not None else "")
         rows = self.con.execute(query, args).fetchall()
         return sorted(rows)

@@ -28,6 +28,7 @@ from functools import cache
 import numpy as np
 
 LOGPROB_FLOOR = -80.0  # logprobs below this are stored as this (p < 2e-35 carries no mass worth a bit)
+OPENAI_SENTINEL = -9999.0  # "not returned" logprob: such an entry is padding, never data
 RESIDUAL_RESOLUTION = 1e-7  # smallest residual mass a sum of float32 probabilities resolves
 TAIL_NONE = 65535  # tail code: the top-k carries all the mass (r = 0)
 
@@ -94,11 +95,12 @@ def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
 
 
 def sort_positions(ids: np.ndarray, logprob: np.ndarray, extra: np.ndarray | None = None):
-    """Sort each row of padded ``[P, K]`` arrays by decreasing logprob, padding (-1 id or -inf) last.
+    """Sort each row of padded ``[P, K]`` arrays by decreasing logprob, padding (-1 id, -inf or OpenAI's -9999
+    sentinel) last.
 
     Returns ``(ids, logprob, extra, k)`` still padded, plus the count of real entries per row.
     """
-    valid = (ids >= 0) & np.isfinite(logprob)
+    valid = (ids >= 0) & np.isfinite(logprob) & (logprob > OPENAI_SENTINEL)
     key = np.where(valid, logprob.astype(np.float64), np.inf * -1)
     order = np.argsort(-key, axis=1, kind="stable")
     take = np.take_along_axis

@@ -14,7 +14,8 @@ How rows are made (all numpy, no Python loop per token):
    a row). The teacher's top-k attached to a token is the target of the label that is that token.
 4. Data parallelism: global batch ``b`` holds rows ``[b·B·D, (b+1)·B·D)``; rank ``i`` takes the ``B`` rows
    starting at ``b·B·D + i·B``. The last batch of an epoch is padded with empty rows (``loss_mask`` 0) so every
-   rank sees the same number of batches. Epochs are independent (no carry between them), which makes the data
+   rank sees the same number of batches. Every rank decodes each shard (cheap next to training) but gathers
+   only its own rows. Epochs are independent (no carry between them), which makes the data
    position ``(epoch, batch)`` an exact resume point (``state_dict`` / ``load_state_dict``).
 """
 
@@ -61,7 +62,7 @@ def identity_token_map(student_vocab: list[bytes]) -> MapVocab:
 
     def map_vocab(teacher_vocab: list[bytes]) -> TokenMap:
         single = np.array([index.get(b, -1) for b in teacher_vocab], dtype=np.int64)
-        expand = {t: spell(b) for t, b in enumerate(teacher_vocab) if single[t] < 0 and b}
+        expand = {int(t): spell(teacher_vocab[t]) for t in np.flatnonzero(single < 0) if teacher_vocab[t]}
         return TokenMap(single=single, expand=expand)
 
     return map_vocab
@@ -83,63 +84,55 @@ class Coverage:
 
 @dataclass
 class _Docs:
-    """Documents in the student's vocabulary: tokens, each with ``k`` top-k entries from ``entry_start`` on.
+    """Documents in the student's vocabulary: tokens, each pointing at a row of a dense top-k table.
 
-    Reordering documents only reorders the per-token arrays; the entries stay where they were decoded.
+    ``ids[row[t]]`` / ``logprobs[row[t]]`` are token ``t``'s K teacher entries (-1 / -inf padding); row 0 of
+    each shard's table is all padding (tokens without targets point there). Reordering documents only reorders
+    the per-token arrays, and a batch is one gather of whole table rows.
     """
 
     doc_offsets: np.ndarray  # [D + 1] into the tokens
     tokens: np.ndarray  # int64 [L]
-    k: np.ndarray  # int64 [L]
-    entry_start: np.ndarray  # int64 [L]
-    ids: np.ndarray  # int64 [E] student ids
-    logprobs: np.ndarray  # float32 [E]
-    logits: np.ndarray | None = None  # float32 [E]
+    row: np.ndarray  # int64 [L] into the tables
+    ids: np.ndarray  # int32 [R, K] student ids
+    logprobs: np.ndarray  # float32 [R, K]
+    logits: np.ndarray | None = None  # float32 [R, K]
 
     def take(self, order: np.ndarray) -> _Docs:
         lengths = np.diff(self.doc_offsets)[order]
         index = concat_ranges(self.doc_offsets[:-1][order], lengths)
         return _Docs(
-            segment_starts(lengths),
-            self.tokens[index],
-            self.k[index],
-            self.entry_start[index],
-            self.ids,
-            self.logprobs,
-            self.logits,
+            segment_starts(lengths), self.tokens[index], self.row[index], self.ids, self.logprobs, self.logits
         )
 
     def tail(self, start: int) -> _Docs:
-        """Tokens from ``start`` on, as one document, with their entries copied compactly."""
-        k = self.k[start:]
-        index = concat_ranges(self.entry_start[start:], k)
+        """Tokens from ``start`` on, as one document, with their table rows copied compactly."""
+        rows = self.row[start:]
         return _Docs(
-            np.array([0, len(k)]),
+            np.array([0, len(rows)]),
             self.tokens[start:],
-            k,
-            segment_starts(k)[:-1],
-            self.ids[index],
-            self.logprobs[index],
-            None if self.logits is None else self.logits[index],
+            np.arange(len(rows), dtype=np.int64),
+            self.ids[rows],
+            self.logprobs[rows],
+            None if self.logits is None else self.logits[rows],
         )
 
     @staticmethod
     def concat(parts: list[_Docs], with_logits: bool) -> _Docs:
-        doc_offsets, starts, doc_base, entry_base = [np.zeros(1, np.int64)], [], 0, 0
+        doc_offsets, rows, doc_base, row_base = [np.zeros(1, np.int64)], [], 0, 0
         for p in parts:
             doc_offsets.append(p.doc_offsets[1:] + doc_base)
-            starts.append(p.entry_start + entry_base)
+            rows.append(p.row + row_base)
             doc_base += len(p.tokens)
-            entry_base += len(p.ids)
+            row_base += len(p.ids)
 
         def logits(p: _Docs) -> np.ndarray:
-            return p.logits if p.logits is not None else np.full(len(p.ids), np.nan, np.float32)
+            return p.logits if p.logits is not None else np.full(p.ids.shape, np.nan, np.float32)
 
         return _Docs(
             np.concatenate(doc_offsets),
             np.concatenate([p.tokens for p in parts]),
-            np.concatenate([p.k for p in parts]),
-            np.concatenate(starts),
+            np.concatenate(rows),
             np.concatenate([p.ids for p in parts]),
             np.concatenate([p.logprobs for p in parts]),
             np.concatenate([logits(p) for p in parts]) if with_logits else None,
@@ -160,24 +153,40 @@ def _spelling_table(token_map: TokenMap) -> tuple[np.ndarray, np.ndarray]:
     return offsets, values
 
 
-def _map_candidates(shard: ShardArrays, single: np.ndarray, top_k: int, coverage: Coverage):
-    """Student ids of the top-k entries; unmappable ones dropped, at most ``top_k`` kept per position.
+def _dense_topk(shard: ShardArrays, single: np.ndarray, top_k: int, coverage: Coverage):
+    """The shard's top-k in student ids as dense ``[P + 1, top_k]`` tables (row 0: padding).
 
-    Returns (k, entry_start per position, ids, logprobs, logits)."""
+    Candidates without a single student id are dropped (and counted); the rest keep their order (decreasing
+    logprob), so truncating to ``top_k`` keeps the most likely. Returns (ids int32, logprobs, logits or None).
+    """
     k = shard.k
+    positions = len(k)
     mapped = single[shard.topk_ids]
     keep = mapped >= 0
     kept = int(keep.sum())
     coverage.kept += kept
     coverage.dropped += len(mapped) - kept
-    if kept == len(mapped) and (len(k) == 0 or k.max() <= top_k):  # the common case: nothing to drop
-        return k, shard.entry_offsets[:-1], mapped, shard.topk_logprobs, shard.topk_logits
+    ids = np.full((positions + 1, top_k), -1, dtype=np.int32)
+    logprobs = np.full((positions + 1, top_k), -np.inf, dtype=np.float32)
+    logits = None if shard.topk_logits is None else np.full((positions + 1, top_k), np.nan, np.float32)
+    width = int(k.max()) if positions else 0
+    if kept == len(mapped) and positions and k.min() == width:  # fixed k, nothing dropped: a reshape
+        used = min(width, top_k)
+        ids[1:, :used] = mapped.reshape(positions, width)[:, :used]
+        logprobs[1:, :used] = shard.topk_logprobs.reshape(positions, width)[:, :used]
+        if logits is not None:
+            logits[1:, :used] = shard.topk_logits.reshape(positions, width)[:, :used]
+        return ids, logprobs, logits
     position = segment_ids(k)
-    kept_start = segment_starts(np.bincount(position[keep], minlength=len(k)))[:-1]
-    keep &= (np.cumsum(keep) - keep - kept_start[position]) < top_k
-    new_k = np.bincount(position[keep], minlength=len(k)).astype(np.int64)
-    logits = None if shard.topk_logits is None else shard.topk_logits[keep]
-    return new_k, segment_starts(new_k)[:-1], mapped[keep], shard.topk_logprobs[keep], logits
+    kept_start = segment_starts(np.bincount(position[keep], minlength=positions))[:-1]
+    column = np.cumsum(keep) - keep - kept_start[position]
+    keep &= column < top_k
+    target = (position[keep] + 1, column[keep])
+    ids[target] = mapped[keep]
+    logprobs[target] = shard.topk_logprobs[keep]
+    if logits is not None:
+        logits[target] = shard.topk_logits[keep]
+    return ids, logprobs, logits
 
 
 def shard_to_docs(
@@ -194,7 +203,8 @@ def shard_to_docs(
             f"{source}: map_vocab returned {len(token_map.single)} ids for {len(shard.vocab_bytes)} tokens"
         )
     single = np.asarray(token_map.single, dtype=np.int64)
-    k, entry_start, ids, logprobs, logits = _map_candidates(shard, single, top_k, coverage)
+    ids, logprobs, logits = _dense_topk(shard, single, top_k, coverage)
+    row = np.arange(1, len(shard.tokens) + 1, dtype=np.int64)  # position p -> table row p + 1
 
     # actual tokens: spell in student ids; the top-k stays on the first piece
     tokens = single[shard.tokens]
@@ -210,11 +220,9 @@ def shard_to_docs(
         coverage.expanded_tokens += int((pieces > 1).sum())
         tokens = spell_values[concat_ranges(spell_offsets[:-1][shard.tokens], pieces)]
         first = segment_starts(pieces)
-        spread_k = np.zeros(len(tokens), dtype=np.int64)
-        spread_k[first[:-1]] = k
-        spread_start = np.zeros(len(tokens), dtype=np.int64)
-        spread_start[first[:-1]] = entry_start
-        k, entry_start, row_offsets = spread_k, spread_start, first[row_offsets]
+        spread = np.zeros(len(tokens), dtype=np.int64)  # later pieces: row 0, no targets
+        spread[first[:-1]] = row
+        row, row_offsets = spread, first[row_offsets]
 
     modes = shard.table.column("mode").to_pylist()
     if "generate" in modes:  # prefix the prompt's student tokens, which carry no teacher targets
@@ -229,13 +237,13 @@ def shard_to_docs(
         doc_offsets = segment_starts(prefix_lengths + np.diff(row_offsets))
         is_prefix = np.zeros(int(doc_offsets[-1]), bool)
         is_prefix[concat_ranges(doc_offsets[:-1], prefix_lengths)] = True
-        merged = np.zeros((3, len(is_prefix)), dtype=np.int64)
+        merged = np.zeros((2, len(is_prefix)), dtype=np.int64)
         merged[0, is_prefix] = np.concatenate(prefix) if prefix else np.zeros(0, np.int64)
-        merged[:, ~is_prefix] = np.stack([tokens, k, entry_start])
-        tokens, k, entry_start = merged
+        merged[:, ~is_prefix] = np.stack([tokens, row])
+        tokens, row = merged
     else:
         doc_offsets = row_offsets - row_offsets[0]
-    return _Docs(doc_offsets, tokens, k, entry_start, ids, logprobs, logits)
+    return _Docs(doc_offsets, tokens, row, ids, logprobs, logits)
 
 
 @dataclass
@@ -246,9 +254,10 @@ class _Stream:
     doc_of_token: np.ndarray
 
 
-def _pad_docs(n: int) -> _Docs:
-    zeros = np.zeros(n, np.int64)
-    return _Docs(np.array([0, n]), zeros, zeros, zeros, np.zeros(0, np.int64), np.zeros(0, np.float32), None)
+def _pad_docs(n: int, k: int) -> _Docs:
+    """``n`` padding tokens (all pointing at one empty table row)."""
+    empty_ids, empty_logprobs = np.full((1, k), -1, np.int32), np.full((1, k), -np.inf, np.float32)
+    return _Docs(np.array([0, n]), np.zeros(n, np.int64), np.zeros(n, np.int64), empty_ids, empty_logprobs)
 
 
 @dataclass
@@ -299,32 +308,43 @@ class PackedReader:
         if self.with_logits:
             self._columns.append("topk_logits")
         self._state = ReaderState()
-        self._maps: dict[str, TokenMap] = {}
 
     # --- data position -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int | str]:
         """The data position after the last yielded batch; ``load_state_dict`` resumes exactly there."""
-        return {
-            "epoch": self._state.epoch,
-            "batch": self._state.batch,
-            "snapshot": self.snapshot.content_hash,
-        }
+        return {"epoch": self._state.epoch, "batch": self._state.batch, **self._layout()}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("snapshot", self.snapshot.content_hash) != self.snapshot.content_hash:
-            raise ValueError("reader state belongs to another snapshot (content hash differs)")
+        expected = self._layout()
+        differs = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
+        if differs:
+            raise ValueError(f"reader state was saved with another data layout (saved, now): {differs}")
         self._state = ReaderState(int(state["epoch"]), int(state["batch"]))
+
+    def _layout(self) -> dict[str, int | str | bool]:
+        """What fixes the batch sequence: resuming is exact only if all of it is unchanged."""
+        return {
+            "snapshot": self.snapshot.content_hash,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "micro_batch_size": self.micro_batch_size,
+            "dp_size": self.dp_size,
+            "shuffle": self.shuffle,
+            "shuffle_window": self.shuffle_window,
+            "top_k": self.k,
+        }
 
     # --- iteration ---------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         while self.epochs is None or self._state.epoch < self.epochs:
-            skip = self._state.batch
-            for index, batch in enumerate(self._epoch(self._state.epoch, skip)):
-                self._state.batch = skip + index + 1
+            skip, produced = self._state.batch, 0
+            for batch in self._epoch(self._state.epoch, skip):
+                produced += 1
+                self._state.batch = skip + produced
                 yield batch
             self._state = ReaderState(self._state.epoch + 1, 0)
-            if not self.snapshot.shards:
-                return
+            if produced == 0 and skip == 0:
+                return  # no tokens at all: an endless reader would spin forever
 
     def _docs_of(self, shard_index: int) -> _Docs:
         shard = self.snapshot.shards[shard_index]
@@ -338,7 +358,7 @@ class PackedReader:
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         rows_per_batch = self.micro_batch_size * self.dp_size
         own_start = self.dp_rank * self.micro_batch_size
-        carry = _Stream(_pad_docs(0), np.zeros(0, np.int64))
+        carry = _Stream(_pad_docs(0, self.k), np.zeros(0, np.int64))
         next_doc, row, pending = 0, 0, []
         batch_index = 0
         for w in range(0, n, self.shuffle_window):
@@ -381,7 +401,7 @@ class PackedReader:
     def _pad(self, carry: _Stream) -> _Stream:
         """The carry followed by padding up to one row (``seq_len + 1`` tokens)."""
         n = self.seq_len + 1 - len(carry.docs.tokens)
-        docs = _Docs.concat([carry.docs, _pad_docs(n)], self.with_logits)
+        docs = _Docs.concat([carry.docs, _pad_docs(n, self.k)], self.with_logits)
         return _Stream(docs, np.concatenate([carry.doc_of_token, np.full(n, -1, np.int64)]))
 
     @staticmethod
@@ -390,24 +410,16 @@ class PackedReader:
 
     def _materialize(self, stream: _Stream, starts: list[int]) -> dict[str, np.ndarray]:
         """Rows starting at ``starts`` of the stream as numpy arrays [R, S(, K)]."""
-        S, K = self.seq_len, self.k
+        S = self.seq_len
         index = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(S + 1)[None, :]
         d = stream.docs
         tokens, doc = d.tokens[index], stream.doc_of_token[index]
         doc_in, doc_label = doc[:, :-1], doc[:, 1:]
         loss = (doc_in == doc_label) & (doc_label >= 0)
-        label_pos = index[:, 1:]
-        column = np.arange(K)
-        present = (column[None, None, :] < np.minimum(d.k[label_pos], K)[..., None]) & loss[..., None]
-        entry = d.entry_start[label_pos][..., None] + column[None, None, :]
-        ids = (
-            np.where(present, d.ids.take(entry, mode="clip"), -1) if len(d.ids) else np.full(entry.shape, -1)
-        )
-        logprobs = (
-            np.where(present, d.logprobs.take(entry, mode="clip"), -np.inf)
-            if len(d.ids)
-            else np.full(entry.shape, -np.inf, np.float32)
-        )
+        rows = d.row[index[:, 1:]]  # the targets of each label are those of the token it is
+        ids = np.where(loss[..., None], d.ids[rows], -1).astype(np.int64)
+        present = ids >= 0
+        logprobs = np.where(present, d.logprobs[rows], -np.inf)
         starts_flag = np.ones_like(doc_in, dtype=bool)
         starts_flag[:, 1:] = doc_in[:, 1:] != doc_in[:, :-1]
         column_s = np.broadcast_to(np.arange(S), doc_in.shape)
@@ -424,11 +436,7 @@ class PackedReader:
             "doc_ids": np.where(pad, -1, np.cumsum(starts_flag, axis=1) - 1),
         }
         if self.with_logits:
-            out["topk_logits"] = (
-                np.where(present, d.logits.take(entry, mode="clip"), np.nan)
-                if len(d.ids) and d.logits is not None
-                else np.full(entry.shape, np.nan, np.float32)
-            )
+            out["topk_logits"] = np.where(present, d.logits[rows], np.nan)
         return out
 
     def _batch(self, stream: _Stream | None, pending: list) -> dict[str, torch.Tensor]:

@@ -166,8 +166,7 @@ def from_planes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Inverse of ``to_planes``: the flat int32 values of all rows, in order."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     values = None
-    for i in range(array.type.num_fields):
-        field = array.field(i)
+    for i, field in enumerate(array.flatten()):  # (flatten applies the struct's own offset)
         offsets = np.frombuffer(
             field.buffers()[1], dtype=np.int32, count=len(field) + 1, offset=4 * field.offset
         )

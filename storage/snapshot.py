@@ -97,19 +97,15 @@ def create_snapshot(
         "max_samples": max_samples,
     }
     rows = catalog.select(splits=splits, teacher=teacher, mode=mode, params=params, max_samples=max_samples)
-    shards, samples, tokens = [], 0, 0
+    shards, samples = [], 0
     directory = shard_dir(catalog.data_dir)
     for shard, group in groupby(rows, key=lambda row: row[0]):
-        indices = [row for _, row, _ in group]
+        indices = [row for _, row, *_ in group]
         info = catalog.shard_info(shard)
         ShardSelection(directory / shard, info.bytes, info.sha256, np.zeros(0)).check()
         shards.append({"name": shard, "bytes": info.bytes, "sha256": info.sha256, "rows": _ranges(indices)})
         samples += len(indices)
-    if rows:
-        (tokens,) = catalog.con.execute(
-            "SELECT coalesce(sum(n_tokens), 0) FROM unique_records WHERE sample_id IN (SELECT unnest(?))",
-            [[sid for _, _, sid in rows]],
-        ).fetchone()
+    tokens = sum(n for *_, n in rows)
     content_hash = _content_hash(selection, shards)
     manifest = {
         "version": MANIFEST_VERSION,

@@ -299,9 +299,10 @@ def gather_rows(rows: dict[str, np.ndarray], tp_rank: int) -> dict[str, np.ndarr
 
 def to_token_rows(rows: dict[str, np.ndarray], keep: np.ndarray) -> tuple[metrics.TokenRows, int]:
     """Renumber sequences to the kept rows (those with at least one real label), same order for every model."""
-    renumber = np.full(int(keep.max(initial=-1)) + 1, -1, dtype=np.int64)
+    size = int(max(rows["sequence"].max(initial=-1), keep.max(initial=-1))) + 1
+    renumber = np.full(size, -1, dtype=np.int64)
     renumber[keep] = np.arange(len(keep))
-    sequence = renumber[rows["sequence"]] if len(renumber) else rows["sequence"]
+    sequence = renumber[rows["sequence"]]
     mask = sequence >= 0
     fields = {
         k: rows[k][mask] for k in ("hard", "soft", "ce", "soft_ce", "kl", "confidence", "correct", "agree")

@@ -11,7 +11,7 @@ calls with the same arguments):
   vocabulary dropped) for a batch of variable-length token lists, run as one right-padded forward.
 - ``model.logits_at(token_lists, positions)``: the same for chosen positions only. Under TP the
   vocabulary-parallel logits are gathered (megatron's ``gather_from_tensor_model_parallel_region``) for those
-  rows only, so generation gathers one row per sequence and step.
+  rows only.
 - ``model.generate(prompts, params)``: greedy / temperature / top-p / seed / stop / max_tokens decoding of
   ``student.generation``, all prompts as one batch.
 - ``model.decoder()``: a ``student.generation.Decoder`` over this model, for callers that batch themselves
@@ -119,6 +119,8 @@ class InferenceModel:
         return self.tokenizer.token_bytes(token_id)
 
     def session(self, max_new_tokens: int) -> CachedSession:
+        if self.model.training:  # megatron ignores the inference context in training mode: wrong tokens
+            raise RuntimeError("generation needs the model in eval mode (call model.eval() first)")
         return CachedSession(self, max_new_tokens)
 
     def decoder(self) -> Decoder:

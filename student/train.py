@@ -435,7 +435,8 @@ def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
         tokens_seen += result["step_tokens"]
         last_train = result
         bar.update(1)
-        bar.set_postfix(loss=f"{result['loss']:.4f}")
+        if result["loss"] is not None:
+            bar.set_postfix(loss=f"{result['loss']:.4f}")
         if step % settings.log_every == 0 or step == settings.steps:
             emit({"step": step, "split": "train", **result, "tokens": tokens_seen})
         if step % settings.eval_every == 0 or step == settings.steps:

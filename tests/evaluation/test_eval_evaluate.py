@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import EvaluateSettings
 from pipeline.report import append_eval_results
 from student.evaluate import main as evaluate_main
 from student.evaluate import token_stats
@@ -179,3 +180,66 @@ def test_missing_or_mismatched_checkpoint_fails_clearly(checkpoint_tp1, tmp_path
         assert evaluate_main([str(write_eval_spec(tmp_path, checkpoint_tp1, models, **overrides))]) == 2
         assert message in capsys.readouterr().err
         assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_rows_without_labels_are_dropped_and_sequences_renumbered():
+    """Rows gathered from several DP ranks: global row ids 0..5, rows 1 and 5 hold no real label (padding of
+    the last batch); the kept rows become sequences 0..3 in order, whatever the largest row id."""
+    from student.evaluate import to_token_rows
+
+    sequence = np.array([0, 0, 1, 2, 3, 3, 4, 5])
+    hard = np.array([1, 1, 0, 1, 1, 1, 1, 0], bool)
+    rows = {"sequence": sequence, "hard": hard, "soft": hard.copy(), "correct": hard, "agree": hard}
+    rows |= {k: np.arange(8.0) for k in ("ce", "soft_ce", "kl", "confidence")}
+    keep = np.flatnonzero(np.bincount(sequence[hard], minlength=6) > 0)
+    token_rows, count = to_token_rows(rows, keep)
+    assert count == 4 and keep.tolist() == [0, 2, 3, 4]
+    assert token_rows.sequence.tolist() == [0, 0, 1, 2, 2, 3]
+    assert token_rows.ce.tolist() == [0, 1, 3, 4, 5, 6]
+
+
+def test_held_out_snapshot_rows_are_read_once_in_a_fixed_order(tmp_path):
+    """A real snapshot (shards + catalog): data-parallel ranks split the held-out rows without overlap, and
+    together they are exactly the rows of one rank reading everything, in the same order."""
+    from storage.catalog import Catalog
+    from storage.settings import StorageSettings
+    from storage.shards import ShardWriter
+    from storage.snapshot import create_snapshot
+    from student.evaluate import EvalSpec, held_out_batches
+    from tests.storage.factory import make_record, teacher_vocab
+
+    rng = np.random.default_rng(5)
+    with Catalog(tmp_path) as catalog:
+        settings = StorageSettings(data_dir=tmp_path, shard_max_records=4)
+        with ShardWriter(tmp_path, settings, catalog) as writer:
+            writer.add(
+                [make_record(rng, i, int(rng.integers(8, 40)), split="test") for i in range(10)],
+                teacher_vocab(),
+            )
+        snapshot = create_snapshot(catalog, "held-out", splits=["test"])
+    tokenizer = StudentTokenizer.train(["the def λx é 日本 🙂 w300 w301" * 20], vocab_size=300)
+    manifest = tmp_path / "snapshots" / "held-out.json"
+    assert manifest.is_file() and snapshot.shards
+    spec = EvalSpec.model_validate(
+        {
+            **EvaluateSettings(micro_batch_size=2).model_dump(),
+            "data": manifest,
+            "tokenizer": tmp_path / "unused.json",
+            "models": {"m": {"checkpoint": tmp_path}},
+            "out": tmp_path / "metrics.json",
+        }
+    )
+
+    def rows(dp_rank, dp):
+        out = {}
+        for micro in held_out_batches(spec, tokenizer, 16, dp_rank, dp):
+            for i, row in enumerate(micro["row"].tolist()):
+                out[row] = (micro["tokens"][i].tolist(), micro["loss_mask"][i].tolist())
+        return out
+
+    single = rows(0, 1)
+    first, second = rows(0, 2), rows(1, 2)
+    assert not set(first) & set(second)
+    real = {r: v for r, v in single.items() if sum(v[1]) > 0}
+    assert len(real) >= 4
+    assert {r: v for r, v in {**first, **second}.items() if sum(v[1]) > 0} == real

@@ -1,16 +1,14 @@
 """``distill export``: the Hugging Face model gives our logits (from TP=1 and TP=2 checkpoints) and generates."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline.cli import main as distill
 from student.export import split_fc1, split_qkv
 from tests.support import PYTHON, run_bounded
-
-DISTILL = str(Path(PYTHON).parent / "distill")
 
 
 def _export(source, out):
@@ -66,10 +64,9 @@ def test_qkv_and_fc1_split_layout():
     assert gate.abs().sum() == 0 and (up == 1).all()
 
 
-def test_export_of_an_incomplete_checkpoint_is_a_clear_error(tmp_path):
+def test_export_of_an_incomplete_checkpoint_is_a_clear_error(tmp_path, capsys):
+    """Through the CLI's entry function (the check runs before any process group exists)."""
     (tmp_path / "incomplete").mkdir()
-    result = run_bounded(
-        [DISTILL, "export", str(tmp_path / "incomplete"), str(tmp_path / "out")], timeout=120
-    )
-    assert result.returncode == 2 and "incomplete: not a complete checkpoint (no meta.json)" in result.stdout
+    assert distill(["export", str(tmp_path / "incomplete"), str(tmp_path / "out")]) == 2
+    assert "incomplete: not a complete checkpoint (no meta.json)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -26,6 +26,10 @@ def edge_records() -> list[TopKRecord]:
     fragments = np.array([256, 257, 258, 300, 301, 262], np.int32)  # unicode words and byte fragments
     records.append(make_record(rng, 103, len(fragments), tokens=fragments, logits=True))
     records.append(make_record(rng, 104, 5, width=1))
+    sentinel = make_record(rng, 106, 3, width=4)
+    sentinel.topk_ids[:, 3] = 7
+    sentinel.topk_logprobs[:, 3] = -9999.0  # OpenAI's "not returned": dropped like padding
+    records.append(sentinel)
     spelled = make_record(rng, 105, 4, tokens=np.array([256, 300, 301, 262], np.int32))
     spelled.text = "é🙂λx"  # exactly the tokens' bytes (across a split character): stored as null
     records.append(spelled)
@@ -33,6 +37,7 @@ def edge_records() -> list[TopKRecord]:
 
 
 def assert_same(original: TopKRecord, back: TopKRecord, codec: str) -> None:
+    """Equal up to the codec's error; entries compared in decreasing-logprob order, sentinels dropped."""
     for name in ("sample_id", "split", "teacher", "mode", "prompt", "text", "params", "created_at"):
         assert getattr(original, name) == getattr(back, name), name
     assert (original.prompt_tokens, original.completion_tokens, original.finish_reason) == (
@@ -41,7 +46,7 @@ def assert_same(original: TopKRecord, back: TopKRecord, codec: str) -> None:
         back.finish_reason,
     )
     assert np.array_equal(original.tokens, back.tokens)
-    valid = original.topk_ids >= 0
+    valid = (original.topk_ids >= 0) & (original.topk_logprobs > -9999)
     k = valid.sum(axis=1)
     back_valid = back.topk_ids >= 0
     assert np.array_equal(back_valid.sum(axis=1), k)
@@ -65,8 +70,10 @@ def test_round_trip(tmp_path, codec):
         writer(records, teacher_vocab())
     back = [r for info in writer.written for r in read_records(shard_dir(tmp_path) / info.name)]
     assert len(writer.written) == 3
-    texts = pq.read_table(shard_dir(tmp_path) / writer.written[-1].name, columns=["text"])["text"]
-    assert texts.null_count == 1  # only the record whose text the tokens spell
+    stored = pq.read_table(shard_dir(tmp_path) / writer.written[-1].name, columns=["sample_id", "text"])
+    text_of = dict(zip(stored["sample_id"].to_pylist(), stored["text"].to_pylist(), strict=True))
+    assert text_of[records[-1].sample_id] is None  # spelled by its tokens: not stored twice
+    assert text_of[records[-2].sample_id] == records[-2].text
     assert [r.sample_id for r in back] == [r.sample_id for r in records]
     for original, decoded in zip(records, back, strict=True):
         assert_same(original, decoded, codec)

@@ -126,10 +126,15 @@ def prepare_snapshot(directory: Path, files: int = 12, vocab: int = 512, k: int 
 
 
 def write_spec(
-    path: Path, data: dict[str, Path], out_dir: Path, train: dict[str, Any], loss: dict[str, Any]
+    path: Path,
+    data: dict[str, Path],
+    out_dir: Path,
+    train: dict[str, Any],
+    loss: dict[str, Any],
+    model: dict[str, Any] | None = None,
 ) -> Path:
     spec = {
-        "model": TINY_MODEL,
+        "model": {**TINY_MODEL, **(model or {})},
         "train": train,
         "loss": loss,
         **{key: str(value) for key, value in data.items()},

@@ -99,20 +99,19 @@ def fault_proxy(upstream: str, plan: dict) -> Iterator[Proxy]:
         "--plan",
         json.dumps(plan),
     ]
+    # stdout carries the one "listening" line; the proxy's log (stderr) is dropped so no pipe can fill up.
     proc = subprocess.Popen(
         cmd,
         env=test_env(),
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.DEVNULL,
         text=True,
         start_new_session=True,
     )
     try:
         line = proc.stdout.readline()
         match = re.search(r"listening on (http://127\.0\.0\.1:\d+)", line)
-        assert match, (
-            f"fault proxy did not start: {line}{proc.stdout.read() if proc.poll() is not None else ''}"
-        )
+        assert match, f"fault proxy did not start (exit code {proc.poll()}): {line!r}"
         yield Proxy(match.group(1), proc)
     finally:
         proc.terminate()

@@ -10,6 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from pipeline.cli import main
 from pipeline.config import load_config
 from storage.catalog import Catalog
 from storage.records import TopKRecord
@@ -106,7 +109,18 @@ def test_sigkill_then_rerun_gives_the_fault_free_dataset(teacher: Teacher, tmp_p
     assert rerun.returncode == 0, rerun.stdout
     assert f"already stored {len(before)}" in rerun.stdout
     # The teacher is asked once for each missing text, and never for a stored one.
-    assert sorted(asked_again) == sorted(set(ITEMS) - stored_texts)
+    missing = set(ITEMS) - stored_texts - set(asked_again)
+    with Catalog(tmp_path / "killed" / "data", sync=False, read_only=True) as catalog:
+        in_catalog = len(catalog.existing_sample_ids("local-teacher"))
+    assert sorted(asked_again) == sorted(set(ITEMS) - stored_texts), (
+        len(before),
+        len(stored_texts),
+        len(asked_first),
+        missing,
+        in_catalog,
+        rerun.stdout[-3000:],
+        sorted(p.name for p in shards.glob("*")),
+    )
 
     after = stored_records(tmp_path / "killed" / "data")
     assert_same_dataset(reference, after)
@@ -137,3 +151,18 @@ def test_planted_key_never_leaks(teacher: Teacher, tmp_path: Path) -> None:
         resolve=teacher.tokenizer.token_bytes,
     )  # fmt: skip
     assert "AuthenticationError" in denied.failures[0].reason and "401" in denied.failures[0].reason
+
+
+def test_bad_input_line_stops_before_any_request(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('{"prompt": "fine"}\n{"prompt": "no end"\n', encoding="utf-8")
+    config = tmp_path / "distill.toml"
+    config.write_text(
+        f'[corpus]\nsource = "files"\npaths = [{json.dumps(str(inputs))}]\n'
+        f"[storage]\ndata_dir = {json.dumps(str(tmp_path / 'data'))}\n",
+        encoding="utf-8",
+    )
+    # port 9 (discard) would refuse: the run must fail on the input before it connects anywhere
+    assert main(["collect", str(config), "--base-url", "http://127.0.0.1:9/v1"]) == 2
+    assert f"{inputs}:2: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "data" / "shards").exists()

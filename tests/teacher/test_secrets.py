@@ -33,15 +33,17 @@ def test_log_records_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
 
 
 @pytest.mark.slow
-def test_key_from_a_prefect_secret_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_from_a_prefect_secret_block(tmp_path: Path) -> None:
     from prefect.blocks.system import Secret
+    from prefect.settings import PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
-    with prefect_test_harness(server_startup_timeout=120):
+    isolated = {PREFECT_HOME: tmp_path, PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    with temporary_settings(updates=isolated), prefect_test_harness(server_startup_timeout=120):
         Secret(value=PLANTED_KEY).save("teacher-key", overwrite=True)
         settings = TeacherSettings(api_key_env="DISTILL_UNSET_KEY", api_key_secret_block="teacher-key")
         assert resolve_api_key(settings, required=True) == PLANTED_KEY
         missing = TeacherSettings(api_key_secret_block="no-such-block")
-        with pytest.raises(SecretError, match="no-such-block"):
+        with pytest.raises(SecretError, match="no-such-block") as error:
             resolve_api_key(missing, required=True)
+        assert PLANTED_KEY not in str(error.value)

@@ -1,7 +1,8 @@
 """The local teacher server as a real subprocess, through the real ``openai`` client.
 
-The reference for every logprob is independent of the server: a separate process builds the same seeded model
-with ``student.inference`` and writes its full logits; the test takes their log-softmax itself.
+The reference for every logprob is independent of the server: a separate process builds a seeded model with
+``student.inference``, writes its full logits and saves it as a checkpoint, which the server then serves; the
+test takes the log-softmax of the reference logits itself.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """The server serves the checkpoint that the reference process saved of its seeded model."""
     folder = tmp_path_factory.mktemp("server")
     tokenizer_path = train_tokenizer(folder / "tokenizer.json")
-    out = folder / "reference.json"
+    out, checkpoint = folder / "reference.json", folder / "checkpoint"
     worker = [
         PYTHON,
         "tests/student/worker_inference_run.py",
@@ -69,15 +71,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         "--prompts-json",
         json.dumps(TEXTS),
     ]
+    done = run_bounded([*worker, "--save-checkpoint", str(checkpoint)], timeout=180)
+    assert done.returncode == 0, done.stdout[-4000:]
+    reference = [np.array(x, dtype=np.float64) for x in json.loads(out.read_text())["logits"]]
     settings = LocalTeacherSettings(api_key=KEY, max_batch_size=8, batch_wait_ms=200)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        reference_run = pool.submit(run_bounded, worker, 180)
-        with local_teacher_server(settings, tokenizer=tokenizer_path, random_init=MODEL, seed=SEED) as server:
-            done = reference_run.result()
-            assert done.returncode == 0, done.stdout[-4000:]
-            reference = [np.array(x, dtype=np.float64) for x in json.loads(out.read_text())["logits"]]
-            client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
-            yield Served(server, client, StudentTokenizer.load(tokenizer_path), reference)
+    with local_teacher_server(settings, checkpoint=checkpoint) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
+        yield Served(server, client, StudentTokenizer.load(tokenizer_path), reference)
 
 
 def test_models_list(served: Served) -> None:
