@@ -21,7 +21,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from functools import cache
 from importlib import util as importlib_util
 from pathlib import Path
 from typing import Any, Literal
@@ -76,9 +75,10 @@ def _module_files(name: str) -> list[Path]:
     return [origin]
 
 
-@cache
 def code_version(*modules: str) -> str:
-    """Hash of the source files of the given modules/packages (a package means all its ``.py`` files)."""
+    """Hash of the source files of the given modules/packages (a package means all its ``.py`` files).
+
+    Not memoised: a long-lived process (a notebook, a test session) must see code edited since it started."""
     digest = hashlib.sha256()
     for name in sorted(set(modules)):
         for path in _module_files(name):

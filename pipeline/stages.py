@@ -3,9 +3,10 @@
 A key hashes the config section(s) the stage reads, the content hashes of the files it consumes and the code
 version of the packages it runs (``pipeline.cache.stage_key``). The DAG (``pipeline.runner``)::
 
-    prepare_corpus ─┬─ tokenizer ─┬─ bootstrap_teacher (embedded default) ─┐
-                    │             │                                         ├─ collect ── snapshot ─┬─ train[soft] ─┐
-                    └─────────────┴─────────────────────────────────────────┘                      └─ train[hard] ─┴─ evaluate ── report
+    prepare_corpus ── tokenizer ── bootstrap_teacher (embedded default only)
+          │               │                │
+          └───────────────┼────────────────┴── collect ── snapshot ──┬── train_soft ──┬── evaluate ── report
+                          └──────────────────────────────────────────┴── train_hard ──┘
 
 ``prepare_corpus`` writes two files: ``samples.jsonl`` (what the teacher is asked about: the corpus section's
 source) and ``base.jsonl`` (standard-library text the tokenizer and the bootstrap teacher learn from). Keys hash
@@ -425,12 +426,8 @@ def snapshot(ctx: Context, collect_result: StageResult) -> StageSpec:
         "snapshot", {"data_dir": str(data_dir.resolve())}, {"selection": selection_hash}, ["storage"]
     )
     return StageSpec(
-        "snapshot", key, build, external=lambda info: [str(p) for p in _snapshot_shards(collect_result)]
+        "snapshot", key, build, external=lambda info: list(collect_result.info.get("shards", []))
     )
-
-
-def _snapshot_shards(collect_result: StageResult) -> list[str]:
-    return list(collect_result.info.get("shards", []))
 
 
 # ---------------------------------------------------------------------------------------------- train

@@ -174,8 +174,9 @@ async def collect_async(
             )
 
     try:
-        async with TeacherClient(settings, base_url, api_key, resolve) as client:
-            await asyncio.gather(*(worker(client) for _ in range(min(settings.concurrency, len(todo)) or 1)))
+        if todo:  # nothing to ask: no client, no connection
+            async with TeacherClient(settings, base_url, api_key, resolve) as client:
+                await asyncio.gather(*(worker(client) for _ in range(min(settings.concurrency, len(todo)))))
     finally:
         bar.close()
     result.seconds = time.monotonic() - started

@@ -47,10 +47,13 @@ class TinyProject:
         path.write_text(render_config(parse_config(data, str(path)), commented=False), encoding="utf-8")
         return path
 
-    def add_prompts(self, texts: list[str]) -> None:
-        with self.prompts.open("a", encoding="utf-8") as f:
-            for text in texts:
-                f.write(json.dumps({"prompt": text, "split": "train"}) + "\n")
+    def grown(self, texts: list[str], name: str = "grown") -> Path:
+        """A config whose prompt source is this project's prompt file plus ``texts`` (a copy: the project's own
+        prompt file stays as it is, so later tests still find every stage of ``config()`` cached)."""
+        prompts = self.root / f"prompts-{name}.jsonl"
+        lines = [json.dumps({"prompt": text, "split": "train"}) + "\n" for text in texts]
+        prompts.write_text(self.prompts.read_text(encoding="utf-8") + "".join(lines), encoding="utf-8")
+        return self.config(f"{name}.toml", corpus={"paths": [str(prompts)]})
 
 
 def make_tiny_project(root: Path, n_prompts: int = 40) -> TinyProject:

@@ -27,7 +27,7 @@ CASES = (
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
 def worker_results(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp(f"losses_tp{request.param}") / "results.json"
-    proc = torchrun(request.param, [WORKER, "--out", str(out)], timeout=150)
+    proc = torchrun(request.param, [WORKER, "--out", str(out)], timeout=270)
     assert proc.returncode == 0, proc.stdout[-6000:]
     report = json.loads(out.read_text())
     assert report["tp"] == request.param

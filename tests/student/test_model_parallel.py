@@ -1,9 +1,9 @@
 """Tensor and data parallelism change nothing but speed: TP=2 and DP=2 equal TP=1, and checkpoints cross TP sizes.
 
-Three real torchrun jobs (gloo, fresh processes) run ``worker_model_equivalence.py`` on the same global batch of
-4 packed rows with soft targets (W < 1, varying k, positions without teacher) and the soft+hard mix loss:
-TP=2 (which also saves a checkpoint after its step), TP=1 (which also loads the TP=2 checkpoint), and
-TP=1 x DP=2 with 2 accumulated micro-batches of 1 row per rank.
+Three real torchrun jobs (gloo, fresh processes) run ``worker_model_equivalence.py`` on the same global batch:
+4 packed rows, grouped-query attention (4 heads, 2 key/value groups), soft targets (W < 1, varying k, positions
+without teacher) and the soft+hard mix loss. The jobs: TP=2 (which also saves a checkpoint after its step),
+TP=1 (which also loads the TP=2 checkpoint), and TP=1 x DP=2 with 2 accumulated micro-batches of 1 row per rank.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from tests.support import torchrun
+
+pytestmark = pytest.mark.timeout(900)  # module fixtures run several torchrun jobs on a shared machine
 
 WORKER = str(Path(__file__).with_name("worker_model_equivalence.py"))
 

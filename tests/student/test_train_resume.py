@@ -24,6 +24,8 @@ import pytest
 from tests.student.worker_model_corpus import prepare_snapshot, read_metrics, write_spec
 from tests.support import PYTHON, ROOT, free_port, run_bounded, test_env, torchrun
 
+pytestmark = pytest.mark.timeout(900)  # module fixtures run several torchrun jobs on a shared machine
+
 STEPS = 30
 TRAIN = {
     "tensor_parallel": 1,

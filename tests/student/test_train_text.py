@@ -15,6 +15,8 @@ import pytest
 from tests.student.worker_model_corpus import prepare, read_metrics, write_spec
 from tests.support import torchrun
 
+pytestmark = pytest.mark.timeout(900)  # module fixtures run several torchrun jobs on a shared machine
+
 TRAIN = {
     "micro_batch_size": 8,
     "steps": 40,

@@ -33,7 +33,14 @@ VOCAB = 500  # padded to 512 at TP=1 (multiple of 128) and at TP=2 (multiple of 
 SEQ = 32
 GLOBAL_ROWS = 4
 K = 4
-MODEL = ModelSettings(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=96, seq_length=SEQ)
+MODEL = ModelSettings(
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_query_groups=2,
+    ffn_hidden_size=96,
+    seq_length=SEQ,
+)  # grouped-query attention: 2 key/value heads, one per TP rank at TP=2
 LOSS = LossSettings(kind="soft", tail="tail_bucket", alpha=0.7, no_teacher="hard")
 
 
