@@ -11,10 +11,9 @@ import sys
 
 from pipeline import commands
 from pipeline.config import ConfigError
+from pipeline.errors import UserError
 
-
-class UserError(Exception):
-    """An error caused by input the user controls (file, key, value); printed as one clear message."""
+__all__ = ["UserError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,15 +86,15 @@ class Coverage:
 class _Docs:
     """Documents in the student's vocabulary: tokens, each pointing at a row of a dense top-k table.
 
-    ``ids[row[t]]`` / ``logprobs[row[t]]`` are token ``t``'s K teacher entries (-1 / -inf padding); row 0 of
-    each shard's table is all padding (tokens without targets point there). Reordering documents only reorders
-    the per-token arrays, and a batch is one gather of whole table rows.
+    ``ids[row[t]]`` / ``logprobs[row[t]]`` are token ``t``'s K teacher entries (-1 / -inf padding); ``row[t]``
+    is -1 for a token without targets. Reordering documents only reorders the per-token arrays, and a batch is
+    one gather of whole table rows (the decoded arrays themselves when every position has k entries).
     """
 
     doc_offsets: np.ndarray  # [D + 1] into the tokens
     tokens: np.ndarray  # int64 [L]
-    row: np.ndarray  # int64 [L] into the tables
-    ids: np.ndarray  # int32 [R, K] student ids
+    row: np.ndarray  # int64 [L] into the tables, -1: no targets
+    ids: np.ndarray  # int64 [R, K] student ids (R >= 1)
     logprobs: np.ndarray  # float32 [R, K]
     logits: np.ndarray | None = None  # float32 [R, K]
 
@@ -108,13 +108,15 @@ class _Docs:
     def tail(self, start: int) -> _Docs:
         """Tokens from ``start`` on, as one document, with their table rows copied compactly."""
         rows = self.row[start:]
+        present = rows >= 0
+        taken = np.concatenate([rows[present], [0]])  # (one spare row keeps the table non-empty)
         return _Docs(
             np.array([0, len(rows)]),
             self.tokens[start:],
-            np.arange(len(rows), dtype=np.int64),
-            self.ids[rows],
-            self.logprobs[rows],
-            None if self.logits is None else self.logits[rows],
+            np.where(present, np.cumsum(present) - 1, -1),
+            self.ids[taken],
+            self.logprobs[taken],
+            None if self.logits is None else self.logits[taken],
         )
 
     @staticmethod
@@ -122,7 +124,7 @@ class _Docs:
         doc_offsets, rows, doc_base, row_base = [np.zeros(1, np.int64)], [], 0, 0
         for p in parts:
             doc_offsets.append(p.doc_offsets[1:] + doc_base)
-            rows.append(p.row + row_base)
+            rows.append(np.where(p.row >= 0, p.row + row_base, -1))
             doc_base += len(p.tokens)
             row_base += len(p.ids)
 
@@ -154,7 +156,7 @@ def _spelling_table(token_map: TokenMap) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _dense_topk(shard: ShardArrays, single: np.ndarray, top_k: int, coverage: Coverage):
-    """The shard's top-k in student ids as dense ``[P + 1, top_k]`` tables (row 0: padding).
+    """The shard's top-k in student ids as dense ``[max(P, 1), top_k]`` tables (-1 / -inf padding).
 
     Candidates without a single student id are dropped (and counted); the rest keep their order (decreasing
     logprob), so truncating to ``top_k`` keeps the most likely. Returns (ids int32, logprobs, logits or None).
@@ -166,22 +168,22 @@ def _dense_topk(shard: ShardArrays, single: np.ndarray, top_k: int, coverage: Co
     kept = int(keep.sum())
     coverage.kept += kept
     coverage.dropped += len(mapped) - kept
-    ids = np.full((positions + 1, top_k), -1, dtype=np.int32)
-    logprobs = np.full((positions + 1, top_k), -np.inf, dtype=np.float32)
-    logits = None if shard.topk_logits is None else np.full((positions + 1, top_k), np.nan, np.float32)
     width = int(k.max()) if positions else 0
-    if kept == len(mapped) and positions and k.min() == width:  # fixed k, nothing dropped: a reshape
-        used = min(width, top_k)
-        ids[1:, :used] = mapped.reshape(positions, width)[:, :used]
-        logprobs[1:, :used] = shard.topk_logprobs.reshape(positions, width)[:, :used]
-        if logits is not None:
-            logits[1:, :used] = shard.topk_logits.reshape(positions, width)[:, :used]
-        return ids, logprobs, logits
+    if kept == len(mapped) and positions and k.min() == width >= top_k:  # fixed k, nothing dropped: views
+
+        def view(a):
+            return None if a is None else a.reshape(positions, width)[:, :top_k]
+
+        return view(mapped), view(shard.topk_logprobs), view(shard.topk_logits)
+    rows = max(positions, 1)
+    ids = np.full((rows, top_k), -1, dtype=np.int64)
+    logprobs = np.full((rows, top_k), -np.inf, dtype=np.float32)
+    logits = None if shard.topk_logits is None else np.full((rows, top_k), np.nan, np.float32)
     position = segment_ids(k)
     kept_start = segment_starts(np.bincount(position[keep], minlength=positions))[:-1]
     column = np.cumsum(keep) - keep - kept_start[position]
     keep &= column < top_k
-    target = (position[keep] + 1, column[keep])
+    target = (position[keep], column[keep])
     ids[target] = mapped[keep]
     logprobs[target] = shard.topk_logprobs[keep]
     if logits is not None:
@@ -204,7 +206,7 @@ def shard_to_docs(
         )
     single = np.asarray(token_map.single, dtype=np.int64)
     ids, logprobs, logits = _dense_topk(shard, single, top_k, coverage)
-    row = np.arange(1, len(shard.tokens) + 1, dtype=np.int64)  # position p -> table row p + 1
+    row = np.arange(len(shard.tokens), dtype=np.int64)  # position p -> table row p
 
     # actual tokens: spell in student ids; the top-k stays on the first piece
     tokens = single[shard.tokens]
@@ -220,7 +222,7 @@ def shard_to_docs(
         coverage.expanded_tokens += int((pieces > 1).sum())
         tokens = spell_values[concat_ranges(spell_offsets[:-1][shard.tokens], pieces)]
         first = segment_starts(pieces)
-        spread = np.zeros(len(tokens), dtype=np.int64)  # later pieces: row 0, no targets
+        spread = np.full(len(tokens), -1, dtype=np.int64)  # later pieces: no targets
         spread[first[:-1]] = row
         row, row_offsets = spread, first[row_offsets]
 
@@ -237,7 +239,7 @@ def shard_to_docs(
         doc_offsets = segment_starts(prefix_lengths + np.diff(row_offsets))
         is_prefix = np.zeros(int(doc_offsets[-1]), bool)
         is_prefix[concat_ranges(doc_offsets[:-1], prefix_lengths)] = True
-        merged = np.zeros((2, len(is_prefix)), dtype=np.int64)
+        merged = np.full((2, len(is_prefix)), -1, dtype=np.int64)
         merged[0, is_prefix] = np.concatenate(prefix) if prefix else np.zeros(0, np.int64)
         merged[:, ~is_prefix] = np.stack([tokens, row])
         tokens, row = merged
@@ -255,9 +257,9 @@ class _Stream:
 
 
 def _pad_docs(n: int, k: int) -> _Docs:
-    """``n`` padding tokens (all pointing at one empty table row)."""
-    empty_ids, empty_logprobs = np.full((1, k), -1, np.int32), np.full((1, k), -np.inf, np.float32)
-    return _Docs(np.array([0, n]), np.zeros(n, np.int64), np.zeros(n, np.int64), empty_ids, empty_logprobs)
+    """``n`` padding tokens (no targets; a one-row table of padding)."""
+    empty_ids, empty_logprobs = np.full((1, k), -1, np.int64), np.full((1, k), -np.inf, np.float32)
+    return _Docs(np.array([0, n]), np.zeros(n, np.int64), np.full(n, -1, np.int64), empty_ids, empty_logprobs)
 
 
 @dataclass
@@ -417,7 +419,9 @@ class PackedReader:
         doc_in, doc_label = doc[:, :-1], doc[:, 1:]
         loss = (doc_in == doc_label) & (doc_label >= 0)
         rows = d.row[index[:, 1:]]  # the targets of each label are those of the token it is
-        ids = np.where(loss[..., None], d.ids[rows], -1).astype(np.int64)
+        targets = (loss & (rows >= 0))[..., None]
+        rows = np.maximum(rows, 0)
+        ids = np.where(targets, d.ids[rows], -1)
         present = ids >= 0
         logprobs = np.where(present, d.logprobs[rows], -np.inf)
         starts_flag = np.ones_like(doc_in, dtype=bool)

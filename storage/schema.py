@@ -165,14 +165,19 @@ def to_planes(values: np.ndarray, lengths: np.ndarray, planes: int) -> pa.Struct
 def from_planes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Inverse of ``to_planes``: the flat int32 values of all rows, in order."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    values = None
-    for i, field in enumerate(array.flatten()):  # (flatten applies the struct's own offset)
+    planes = []
+    for field in array.flatten():  # (flatten applies the struct's own offset)
         offsets = np.frombuffer(
             field.buffers()[1], dtype=np.int32, count=len(field) + 1, offset=4 * field.offset
         )
-        plane = np.frombuffer(field.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-        values = plane.astype(np.int32) if values is None else values | (plane.astype(np.int32) << (8 * i))
-    return values if values is not None else np.zeros(0, np.int32)
+        planes.append(np.frombuffer(field.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]])
+    size = len(planes[0]) if planes else 0
+    if any(len(p) != size for p in planes):
+        raise ShardError("byte planes of different lengths (damaged shard)")
+    little_endian = np.zeros((size, 4), dtype=np.uint8)  # bytes of int32 values, then one reinterpretation
+    for i, plane in enumerate(planes):
+        little_endian[:, i] = plane
+    return little_endian.view("<i4").reshape(size)
 
 
 @dataclass

@@ -36,15 +36,18 @@ class ImportResult:
 
 def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
     """``(file:line, decoded object)`` for each non-empty line; a line that is not JSON is an error."""
-    with path.open("r", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
+    with path.open("rb") as handle:  # decoded line by line, so a bad byte is reported on its own line
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                yield where, json.loads(line)
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{where}: not UTF-8 text (byte {exc.start} of the line)") from None
             except json.JSONDecodeError as exc:
                 raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            yield where, obj
 
 
 def _batch_prompts(requests: Path) -> dict[str, tuple[str, dict]]:

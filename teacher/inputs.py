@@ -75,22 +75,16 @@ def read_jsonl(
     path: Path, on_bad_line: Literal["fail", "skip"] = "fail", stats: ReadStats | None = None
 ) -> Iterator[WorkItem]:
     stats = stats if stats is not None else ReadStats()
-    with path.open("r", encoding="utf-8", errors="strict") as handle:
-        lineno = 0
-        while True:
-            lineno += 1
-            try:
-                line = handle.readline()
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{path}:{lineno}: not UTF-8 text ({exc.reason})") from None
-            if not line:
-                return
-            if not line.strip():
+    with path.open("rb") as handle:  # decoded line by line, so a bad byte is reported on its own line
+        for lineno, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    raise InputError(f"{where}: not UTF-8 text (byte {exc.start} of the line)") from None
                 except json.JSONDecodeError as exc:
                     raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
                 item = item_from_object(obj, where)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.cli import UserError
 from pipeline.config import DistillConfig, load_config
+from pipeline.errors import UserError
 from storage.catalog import CATALOG_FILE, Catalog
 from storage.records import SPLITS
 from storage.schema import ShardError

@@ -50,6 +50,9 @@ def test_bad_lines_skipped_and_counted(tmp_path: Path) -> None:
     assert [i.prompt for i in items] == ["a", "b"]
     assert stats.items == 2 and len(stats.skipped_lines) == 2
     assert stats.skipped_lines[0].startswith(f"{path}:2:") and stats.skipped_lines[1].startswith(f"{path}:4:")
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xff"}\n' + b'{"prompt": "long"}\n' * 5000)
+    with pytest.raises(InputError, match=rf"{path}:2: not UTF-8 text"):
+        list(read_inputs([path], chunk_chars=100))
 
 
 def test_text_chunks_and_parquet(tmp_path: Path) -> None:
