@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -41,9 +43,10 @@ Encode = Callable[[str], list[int]]
 
 def identity_token_map(student_vocab: list[bytes]) -> MapVocab:
     """A ``map_vocab`` for a student whose tokens are byte strings (``student_vocab[id]``): a teacher token maps
-    to the student id with the same bytes; one without is spelled greedily (longest known prefix first), so a
-    student vocabulary containing all 256 single bytes spells everything."""
+    to the student id with the same bytes (the last such id); one without is spelled greedily (longest known
+    prefix first), so a student vocabulary containing all 256 single bytes spells everything."""
     index = {b: i for i, b in enumerate(student_vocab)}
+    reversed_vocab = pa.array(student_vocab[::-1], pa.binary())  # index_in finds the first: the last id
     longest = max((len(b) for b in student_vocab), default=1)
 
     def spell(data: bytes) -> np.ndarray:
@@ -61,11 +64,50 @@ def identity_token_map(student_vocab: list[bytes]) -> MapVocab:
         return np.array(pieces, dtype=np.int64)
 
     def map_vocab(teacher_vocab: list[bytes]) -> TokenMap:
-        single = np.array([index.get(b, -1) for b in teacher_vocab], dtype=np.int64)
+        found = pc.index_in(pa.array(teacher_vocab, pa.binary()), value_set=reversed_vocab)
+        found = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        single = np.where(found >= 0, len(student_vocab) - 1 - found, -1)
         expand = {int(t): spell(teacher_vocab[t]) for t in np.flatnonzero(single < 0) if teacher_vocab[t]}
         return TokenMap(single=single, expand=expand)
 
     return map_vocab
+
+
+class _StudentSpellings:
+    """The student spelling of every teacher token (byte string) this reader has met.
+
+    ``map_vocab`` sees each distinct token once per reader, not once per shard: shards of one teacher share most
+    of their vocabulary, and a shard's table is mapped by one hash lookup (``pyarrow.compute.index_in``) over the
+    tokens already known. ``map_vocab`` must map each token on its own bytes alone (it gets the new tokens only).
+    Memory grows with the teacher's vocabulary, not with the data.
+    """
+
+    def __init__(self, map_vocab: MapVocab) -> None:
+        self.map_vocab = map_vocab
+        self.known = pa.array([], pa.binary())
+        self.single = np.zeros(0, np.int64)
+        self.expand: dict[int, np.ndarray] = {}
+
+    def token_map(self, table: pa.BinaryArray, source: str) -> TokenMap:
+        """The ``TokenMap`` of a shard's vocabulary table (its ranks -> student ids)."""
+        index = pc.fill_null(pc.index_in(table, value_set=self.known), -1)
+        index = index.to_numpy(zero_copy_only=False).astype(np.int64)
+        new = np.flatnonzero(index < 0)
+        if len(new):
+            tokens = table.take(pa.array(new))
+            mapped = self.map_vocab(tokens.to_pylist())
+            if len(mapped.single) != len(new):
+                raise ValueError(f"{source}: map_vocab returned {len(mapped.single)} ids for {len(new)} tokens")
+            base = len(self.known)
+            self.known = pa.concat_arrays([self.known, tokens])
+            self.single = np.concatenate([self.single, np.asarray(mapped.single, dtype=np.int64)])
+            self.expand.update({base + int(t): np.asarray(p, np.int64) for t, p in mapped.expand.items()})
+            index[new] = base + np.arange(len(new))
+        expand = {}
+        if self.expand:
+            expanded = np.flatnonzero(np.isin(index, np.fromiter(self.expand, np.int64, len(self.expand))))
+            expand = {int(t): self.expand[int(index[t])] for t in expanded}
+        return TokenMap(single=self.single[index], expand=expand)
 
 
 @dataclass
@@ -88,13 +130,14 @@ class _Docs:
 
     ``ids[row[t]]`` / ``logprobs[row[t]]`` are token ``t``'s K teacher entries (-1 / -inf padding); ``row[t]``
     is -1 for a token without targets. Reordering documents only reorders the per-token arrays, and a batch is
-    one gather of whole table rows (the decoded arrays themselves when every position has k entries).
+    one gather of whole table rows (the decoded arrays themselves when every position has k entries). After
+    ``concat`` the last table row is padding, which rows without targets gather.
     """
 
     doc_offsets: np.ndarray  # [D + 1] into the tokens
     tokens: np.ndarray  # int64 [L]
     row: np.ndarray  # int64 [L] into the tables, -1: no targets
-    ids: np.ndarray  # int64 [R, K] student ids (R >= 1)
+    ids: np.ndarray  # int32 [R, K] student ids (R >= 1)
     logprobs: np.ndarray  # float32 [R, K]
     logits: np.ndarray | None = None  # float32 [R, K]
 
@@ -121,6 +164,7 @@ class _Docs:
 
     @staticmethod
     def concat(parts: list[_Docs], with_logits: bool) -> _Docs:
+        """The parts' documents in order, their tables followed by one padding row."""
         doc_offsets, rows, doc_base, row_base = [np.zeros(1, np.int64)], [], 0, 0
         for p in parts:
             doc_offsets.append(p.doc_offsets[1:] + doc_base)
@@ -131,13 +175,14 @@ class _Docs:
         def logits(p: _Docs) -> np.ndarray:
             return p.logits if p.logits is not None else np.full(p.ids.shape, np.nan, np.float32)
 
+        pad = _pad_docs(0, parts[0].ids.shape[1])
         return _Docs(
             np.concatenate(doc_offsets),
             np.concatenate([p.tokens for p in parts]),
             np.concatenate(rows),
-            np.concatenate([p.ids for p in parts]),
-            np.concatenate([p.logprobs for p in parts]),
-            np.concatenate([logits(p) for p in parts]) if with_logits else None,
+            np.concatenate([p.ids for p in [*parts, pad]]),
+            np.concatenate([p.logprobs for p in [*parts, pad]]),
+            np.concatenate([logits(p) for p in [*parts, pad]]) if with_logits else None,
         )
 
 
@@ -176,7 +221,7 @@ def _dense_topk(shard: ShardArrays, single: np.ndarray, top_k: int, coverage: Co
 
         return view(mapped), view(shard.topk_logprobs), view(shard.topk_logits)
     rows = max(positions, 1)
-    ids = np.full((rows, top_k), -1, dtype=np.int64)
+    ids = np.full((rows, top_k), -1, dtype=np.int32)
     logprobs = np.full((rows, top_k), -np.inf, dtype=np.float32)
     logits = None if shard.topk_logits is None else np.full((rows, top_k), np.nan, np.float32)
     position = segment_ids(k)
@@ -200,12 +245,12 @@ def shard_to_docs(
     source: str,
 ) -> _Docs:
     """Map one decoded shard to student-vocabulary documents (one per row)."""
-    if len(token_map.single) != len(shard.vocab_bytes):
+    if len(token_map.single) != len(shard.vocab_table):
         raise ValueError(
-            f"{source}: map_vocab returned {len(token_map.single)} ids for {len(shard.vocab_bytes)} tokens"
+            f"{source}: map_vocab returned {len(token_map.single)} ids for {len(shard.vocab_table)} tokens"
         )
     single = np.asarray(token_map.single, dtype=np.int64)
-    ids, logprobs, logits = _dense_topk(shard, single, top_k, coverage)
+    ids, logprobs, logits = _dense_topk(shard, single.astype(np.int32), top_k, coverage)
     row = np.arange(len(shard.tokens), dtype=np.int64)  # position p -> table row p
 
     # actual tokens: spell in student ids; the top-k stays on the first piece
@@ -215,7 +260,7 @@ def shard_to_docs(
     if len(unmapped):
         missing = {int(t) for t in np.unique(shard.tokens[unmapped]) if int(t) not in token_map.expand}
         if missing:
-            sample = sorted(shard.vocab_bytes[t] for t in missing)[:5]
+            sample = sorted(shard.vocab_table[t].as_py() for t in missing)[:5]
             raise ValueError(f"{source}: teacher tokens with no student spelling: {sample}")
         spell_offsets, spell_values = _spelling_table(token_map)
         pieces = np.diff(spell_offsets)[shard.tokens]
@@ -258,7 +303,7 @@ class _Stream:
 
 def _pad_docs(n: int, k: int) -> _Docs:
     """``n`` padding tokens (no targets; a one-row table of padding)."""
-    empty_ids, empty_logprobs = np.full((1, k), -1, np.int64), np.full((1, k), -np.inf, np.float32)
+    empty_ids, empty_logprobs = np.full((1, k), -1, np.int32), np.full((1, k), -np.inf, np.float32)
     return _Docs(np.array([0, n]), np.zeros(n, np.int64), np.full(n, -1, np.int64), empty_ids, empty_logprobs)
 
 
@@ -310,6 +355,7 @@ class PackedReader:
         if self.with_logits:
             self._columns.append("topk_logits")
         self._state = ReaderState()
+        self._spellings = _StudentSpellings(self.map_vocab)
 
     # --- data position -----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, int | str]:
@@ -351,7 +397,7 @@ class PackedReader:
     def _docs_of(self, shard_index: int) -> _Docs:
         shard = self.snapshot.shards[shard_index]
         arrays = read_shard_arrays(shard.path, shard.rows, columns=self._columns)
-        token_map = self.map_vocab(arrays.vocab_bytes)
+        token_map = self._spellings.token_map(arrays.vocab_table, str(shard.path))
         return shard_to_docs(arrays, token_map, self.encode, self.k, self.coverage, str(shard.path))
 
     def _epoch(self, epoch: int, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -419,11 +465,8 @@ class PackedReader:
         doc_in, doc_label = doc[:, :-1], doc[:, 1:]
         loss = (doc_in == doc_label) & (doc_label >= 0)
         rows = d.row[index[:, 1:]]  # the targets of each label are those of the token it is
-        targets = (loss & (rows >= 0))[..., None]
-        rows = np.maximum(rows, 0)
-        ids = np.where(targets, d.ids[rows], -1)
-        present = ids >= 0
-        logprobs = np.where(present, d.logprobs[rows], -np.inf)
+        rows = np.where(loss & (rows >= 0), rows, len(d.ids) - 1)  # (no targets: the padding row)
+        ids = d.ids[rows]
         starts_flag = np.ones_like(doc_in, dtype=bool)
         starts_flag[:, 1:] = doc_in[:, 1:] != doc_in[:, :-1]
         column_s = np.broadcast_to(np.arange(S), doc_in.shape)
@@ -433,14 +476,14 @@ class PackedReader:
             "tokens": np.where(pad, self.pad_id, tokens[:, :-1]),
             "labels": np.where(doc_label < 0, self.pad_id, tokens[:, 1:]),
             "loss_mask": loss.astype(np.float32),
-            "soft_mask": present[..., 0],
+            "soft_mask": ids[..., 0] >= 0,
             "topk_ids": ids,
-            "topk_logprobs": logprobs,
+            "topk_logprobs": d.logprobs[rows],
             "position_ids": np.where(pad, 0, column_s - segment_start),
             "doc_ids": np.where(pad, -1, np.cumsum(starts_flag, axis=1) - 1),
         }
         if self.with_logits:
-            out["topk_logits"] = np.where(present, d.logits[rows], np.nan)
+            out["topk_logits"] = d.logits[rows]
         return out
 
     def _batch(self, stream: _Stream | None, pending: list) -> dict[str, torch.Tensor]:

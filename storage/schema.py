@@ -125,7 +125,10 @@ def encode_vocab(teacher_ids: np.ndarray, token_bytes: list[bytes]) -> bytes:
     return pa.Codec("zstd", 19).compress(raw, asbytes=True)
 
 
-def decode_vocab(blob: bytes, source: str) -> tuple[np.ndarray, list[bytes]]:
+def decode_vocab(blob: bytes, source: str) -> tuple[np.ndarray, pa.BinaryArray]:
+    """The vocabulary table: (teacher ids, token bytes as an Arrow binary array over the decompressed blob).
+
+    No Python object per token: the reader maps whole tables at once (``pyarrow.compute.index_in``)."""
     try:
         raw = pa.Codec("zstd").decompress(blob, decompressed_size=None, asbytes=True)
     except Exception:  # pyarrow needs the size for some codecs; fall back to a streaming read
@@ -134,13 +137,15 @@ def decode_vocab(blob: bytes, source: str) -> tuple[np.ndarray, list[bytes]]:
         (n,) = struct.unpack_from("<I", raw, 0)
         ids = np.frombuffer(raw, dtype="<i4", count=n, offset=4).astype(np.int64)
         lengths = np.frombuffer(raw, dtype="<u4", count=n, offset=4 + 4 * n).astype(np.int64)
-        ends = 4 + 8 * n + np.cumsum(lengths)
-        if n and ends[-1] != len(raw):
+        offsets = 4 + 8 * n + segment_starts(lengths)
+        if offsets[-1] != len(raw) or len(raw) > np.iinfo(np.int32).max:
             raise ValueError("length mismatch")
     except (struct.error, ValueError) as exc:
         raise ShardError(f"{source}: vocabulary table in the metadata is damaged ({exc})") from None
-    starts = ends - lengths
-    return ids, [raw[s:e] for s, e in zip(starts.tolist(), ends.tolist(), strict=True)]
+    table = pa.Array.from_buffers(
+        pa.binary(), n, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(raw)]
+    )
+    return ids, table
 
 
 def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
@@ -318,8 +323,8 @@ class ShardArrays:
     """A decoded shard as flat numpy arrays (what the reader consumes); ids are shard ranks.
 
     ``row_offsets[r]:row_offsets[r+1]`` are row ``r``'s positions; ``entry_offsets[p]:entry_offsets[p+1]`` are
-    position ``p``'s top-k entries. ``vocab_bytes[rank]`` / ``vocab_ids[rank]`` give each rank's token bytes and
-    teacher id.
+    position ``p``'s top-k entries. ``vocab_table[rank]`` / ``vocab_ids[rank]`` give each rank's token bytes and
+    teacher id (``vocab_bytes``: the same bytes as a Python list).
     """
 
     table: pa.Table  # the metadata columns
@@ -330,7 +335,11 @@ class ShardArrays:
     topk_logprobs: np.ndarray
     topk_logits: np.ndarray | None  # NaN for rows without logits; None when no row has any
     vocab_ids: np.ndarray
-    vocab_bytes: list[bytes]
+    vocab_table: pa.BinaryArray
+
+    @property
+    def vocab_bytes(self) -> list[bytes]:
+        return self.vocab_table.to_pylist()
 
     @property
     def num_rows(self) -> int:
@@ -404,7 +413,7 @@ def _decode_logits(column: pa.ListArray, row_entry_offsets: np.ndarray, source: 
 def table_to_arrays(table: pa.Table, source: str) -> ShardArrays:
     """Decode a shard table (already schema-checked) into flat arrays; ids stay shard ranks."""
     codec, params = codec_of(table.schema, source)
-    vocab_ids, vocab_bytes = decode_vocab(table.schema.metadata[META_VOCAB], source)
+    vocab_ids, vocab_table = decode_vocab(table.schema.metadata[META_VOCAB], source)
     k, row_offsets = _flat_values(table.column("topk_k"), np.int64)
     entry_offsets = segment_starts(k)
     topk_ids = from_planes(table.column("topk_ids"))
@@ -444,7 +453,7 @@ def table_to_arrays(table: pa.Table, source: str) -> ShardArrays:
         topk_logprobs=logprobs,
         topk_logits=logits,
         vocab_ids=vocab_ids,
-        vocab_bytes=vocab_bytes,
+        vocab_table=vocab_table,
     )
 
 
