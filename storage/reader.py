@@ -74,40 +74,52 @@ def identity_token_map(student_vocab: list[bytes]) -> MapVocab:
 
 
 class _StudentSpellings:
-    """The student spelling of every teacher token (byte string) this reader has met.
+    """The student spelling of every teacher token this reader has met, in slots (one per token met).
 
-    ``map_vocab`` sees each distinct token once per reader, not once per shard: shards of one teacher share most
-    of their vocabulary, and a shard's table is mapped by one hash lookup (``pyarrow.compute.index_in``) over the
-    tokens already known. ``map_vocab`` must map each token on its own bytes alone (it gets the new tokens only).
-    Memory grows with the teacher's vocabulary, not with the data.
+    ``map_vocab`` sees each token once per reader, not once per shard: the shards of one teacher share most of
+    their vocabulary. A shard's table finds its tokens' slots by teacher id, and a slot counts only if its bytes
+    equal the table's (ids are the server's, or assigned by each collector run in its own order), checked in one
+    vectorised comparison; the rest are mapped as new. ``map_vocab`` must map each token on its bytes alone (it
+    gets only the new ones). Memory grows with the teacher's vocabulary, not with the data.
     """
 
     def __init__(self, map_vocab: MapVocab) -> None:
         self.map_vocab = map_vocab
-        self.known = pa.array([], pa.binary())
-        self.single = np.zeros(0, np.int64)
-        self.expand: dict[int, np.ndarray] = {}
+        self.known = pa.array([], pa.binary())  # slot -> token bytes
+        self.single = np.zeros(0, np.int64)  # slot -> student id or -1
+        self.expand: dict[int, np.ndarray] = {}  # slot -> student spelling
+        self.slot_of_id = np.zeros(0, np.int64)  # teacher id -> latest slot with that id, -1: none
 
-    def token_map(self, table: pa.BinaryArray, source: str) -> TokenMap:
+    def token_map(self, table: pa.BinaryArray, teacher_ids: np.ndarray, source: str) -> TokenMap:
         """The ``TokenMap`` of a shard's vocabulary table (its ranks -> student ids)."""
-        index = pc.fill_null(pc.index_in(table, value_set=self.known), -1)
-        index = index.to_numpy(zero_copy_only=False).astype(np.int64)
-        new = np.flatnonzero(index < 0)
+        if len(teacher_ids) and teacher_ids.max() >= len(self.slot_of_id):
+            grown = np.full(int(teacher_ids.max()) + 1, -1, np.int64)
+            grown[: len(self.slot_of_id)] = self.slot_of_id
+            self.slot_of_id = grown
+        slot = self.slot_of_id[teacher_ids]
+        seen = np.flatnonzero(slot >= 0)
+        if len(seen):
+            same = pc.equal(table.take(pa.array(seen)), self.known.take(pa.array(slot[seen])))
+            slot[seen[~same.to_numpy(zero_copy_only=False)]] = -1
+        new = np.flatnonzero(slot < 0)
         if len(new):
             tokens = table.take(pa.array(new))
             mapped = self.map_vocab(tokens.to_pylist())
             if len(mapped.single) != len(new):
-                raise ValueError(f"{source}: map_vocab returned {len(mapped.single)} ids for {len(new)} tokens")
+                raise ValueError(
+                    f"{source}: map_vocab returned {len(mapped.single)} ids for {len(new)} tokens"
+                )
             base = len(self.known)
             self.known = pa.concat_arrays([self.known, tokens])
             self.single = np.concatenate([self.single, np.asarray(mapped.single, dtype=np.int64)])
             self.expand.update({base + int(t): np.asarray(p, np.int64) for t, p in mapped.expand.items()})
-            index[new] = base + np.arange(len(new))
+            slot[new] = base + np.arange(len(new))
+            self.slot_of_id[teacher_ids[new]] = slot[new]
         expand = {}
         if self.expand:
-            expanded = np.flatnonzero(np.isin(index, np.fromiter(self.expand, np.int64, len(self.expand))))
-            expand = {int(t): self.expand[int(index[t])] for t in expanded}
-        return TokenMap(single=self.single[index], expand=expand)
+            expanded = np.flatnonzero(np.isin(slot, np.fromiter(self.expand, np.int64, len(self.expand))))
+            expand = {int(t): self.expand[int(slot[t])] for t in expanded}
+        return TokenMap(single=self.single[slot], expand=expand)
 
 
 @dataclass
@@ -397,7 +409,7 @@ class PackedReader:
     def _docs_of(self, shard_index: int) -> _Docs:
         shard = self.snapshot.shards[shard_index]
         arrays = read_shard_arrays(shard.path, shard.rows, columns=self._columns)
-        token_map = self._spellings.token_map(arrays.vocab_table, str(shard.path))
+        token_map = self._spellings.token_map(arrays.vocab_table, arrays.vocab_ids, str(shard.path))
         return shard_to_docs(arrays, token_map, self.encode, self.k, self.coverage, str(shard.path))
 
     def _epoch(self, epoch: int, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:

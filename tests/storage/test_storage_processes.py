@@ -8,6 +8,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from storage.catalog import Catalog
 from storage.shards import TMP_SUFFIX, read_records, shard_dir
 from tests.storage.factory import make_records
@@ -66,6 +68,35 @@ def test_sigkill_mid_shard_then_rerun_completes_without_duplicates(tmp_path):
     assert set(ids) == expected_ids(1, count)
     for name, rows in shards:
         assert len(read_records(shard_dir(tmp_path) / name)) == rows
+
+
+@pytest.mark.parametrize("point", ["tmp", "renamed"])
+def test_killed_at_each_step_of_a_shard_write_the_catalog_lists_exactly_the_stored_ids(tmp_path, point):
+    """A collector's re-run skips ``existing_sample_ids()``: after a SIGKILL at an exact point of a shard write
+    (temp file complete but not renamed; renamed but not registered), reopening the catalog must report exactly
+    the sample ids that complete shard files hold: none of the dead shard's if it was not renamed, all of them if
+    it was (or the re-run would ask the teacher again for what is stored)."""
+    count, per_shard = 40, 8
+    killed = run_bounded(
+        [*WRITER, str(tmp_path), "3", str(count), "--catalog", "--records-per-shard", str(per_shard)],
+        120,
+        env=test_env(WRITER_KILL_AT=f"{point}:2"),
+    )
+    assert killed.returncode == -signal.SIGKILL and "flushed 2\ndying" in killed.stdout, killed.stdout
+    files = sorted(shard_dir(tmp_path).glob("*.parquet"))
+    in_files = [r.sample_id for path in files for r in read_records(path)]
+    assert len(in_files) == (2 if point == "tmp" else 3) * per_shard
+    assert len(list(shard_dir(tmp_path).glob(f"*{TMP_SUFFIX}"))) == (point == "tmp")
+
+    with Catalog(tmp_path) as catalog:  # what the re-run sees
+        assert catalog.existing_sample_ids() == set(in_files)
+        assert catalog.stats().temp_files == (point == "tmp")
+    rerun = run_bounded(
+        [*WRITER, str(tmp_path), "3", str(count), "--catalog", "--records-per-shard", str(per_shard)], 120
+    )
+    assert rerun.returncode == 0 and "finished" in rerun.stdout, rerun.stdout
+    _, ids = registered(tmp_path)
+    assert sorted(ids) == sorted(expected_ids(3, count))  # each sample once, none missing
 
 
 def test_two_writer_processes_then_reindex(tmp_path):
