@@ -330,6 +330,7 @@ def measure(data: DataSet, work: Path, quick: bool) -> dict[str, float]:
         "kl_max": float(kl.max()),
         "reader_tokens_per_s": cpu_rate,
         "reader_tokens_per_s_wall": wall_rate,
+        "load_average_1min": os.getloadavg()[0],  # a shared machine: the wall rate depends on it
         "bytes_per_token_int32_f32": f32 / tokens,
         "bytes_per_token_int32_f16": f16 / tokens,
         "columns_bytes_per_token": column_breakdown(paths, tokens),

@@ -46,7 +46,7 @@ def test_bad_value_names_key_and_expectation(tmp_path):
 def test_not_toml_and_missing_file(tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text("[train\n")
-    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+    with pytest.raises(ConfigError, match=r"broken\.toml: not valid TOML"):
         load_config(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "absent.toml")
