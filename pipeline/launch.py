@@ -174,6 +174,9 @@ def launch(
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         env={
+            # torch's own deprecation notices about megatron-core's checkpoint internals (ShardedTensor,
+            # load_state_dict) are not actionable here and would drown the training log; a user's setting wins.
+            "PYTHONWARNINGS": "ignore::FutureWarning",
             **(env if env is not None else os.environ),
             "PYTHONUNBUFFERED": "1",
             PARENT_ENV: str(os.getpid()),

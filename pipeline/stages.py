@@ -256,11 +256,13 @@ def _teacher_endpoint(
     ctx: Context, checkpoint: Path | None, model_name: str
 ) -> Iterator[tuple[str, str | None]]:
     """(base_url, api_key): the local server started for the duration of the block, or the configured API."""
-    from teacher.secrets import resolve_api_key
+    from teacher.secrets import install_redaction, resolve_api_key
 
     settings = ctx.config.teacher
     if checkpoint is None:
-        yield settings.base_url, resolve_api_key(settings, required=False)
+        api_key = resolve_api_key(settings, required=False)
+        install_redaction(api_key)
+        yield settings.base_url, api_key
         return
     from teacher.server import local_teacher_server
 

@@ -14,11 +14,11 @@ STAMP="$VENV/.installed-$(cat "$ROOT/requirements.lock" "$ROOT/pyproject.toml" |
 if [ ! -f "$STAMP" ]; then
     echo "==> creating $VENV and installing pinned dependencies (first run only)" >&2
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+    "$VENV/bin/python" -m pip install -qq --upgrade pip >&2
     # torch is pinned to the CPU wheel (torch==2.13.0); requirements.lock pins every transitive package,
     # so nothing newer (or a CUDA build) is ever pulled in.
-    "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.lock" >&2
-    "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT[dev]" >&2
+    "$VENV/bin/python" -m pip install -qq -r "$ROOT/requirements.lock" >&2
+    "$VENV/bin/python" -m pip install -qq --no-deps -e "$ROOT[dev]" >&2
     rm -f "$VENV"/.installed-*
     touch "$STAMP"
 fi

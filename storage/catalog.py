@@ -3,7 +3,8 @@
 One process owns ``<data_dir>/catalog.duckdb`` (DuckDB locks the file); collectors beside it write shards only,
 and the owner registers them with ``sync()`` (also run when the catalog opens, so a shard renamed just before a
 crash is never lost nor collected twice). A sample id found in several shards (two collectors raced) is kept
-once: every query reads the ``unique_records`` view, which keeps its first occurrence.
+once: every query reads the ``unique_records`` view, which keeps its newest copy (so a record re-collected by
+the refresh flow replaces the stale one).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE TABLE IF NOT EXISTS failures (key TEXT, reason TEXT, recorded_at DOUBLE);
 CREATE OR REPLACE VIEW unique_records AS
     SELECT * FROM records
-    QUALIFY row_number() OVER (PARTITION BY sample_id ORDER BY created_at, shard, row_index) = 1;
+    QUALIFY row_number() OVER (PARTITION BY sample_id ORDER BY created_at DESC, shard, row_index) = 1;
 """
 
 
