@@ -56,10 +56,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm import tqdm
 
 from student import metrics
+from student.specs import read_spec
 
 for _message in ("Apex is not installed", "Transformer Engine and Apex", "CUDA_DEVICE_MAX_CONNECTIONS"):
     warnings.filterwarnings("ignore", message=f".*{_message}.*")
@@ -110,13 +111,7 @@ class EvalSpec(BaseModel):
 
 def load_spec(path: str | Path) -> EvalSpec:
     path = Path(path)
-    if not path.is_file():
-        raise EvalError(f"{path}: evaluation spec not found")
-    try:
-        spec = EvalSpec.model_validate_json(path.read_text(encoding="utf-8"))
-    except ValidationError as exc:
-        lines = [f"{path}: field '{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors()]
-        raise EvalError("invalid evaluation spec:\n  " + "\n  ".join(lines)) from None
+    spec = read_spec(path, EvalSpec, "evaluation", EvalError)
     clash = RESERVED & set(spec.models)
     if clash:
         raise EvalError(f"{path}: model names {sorted(clash)} are reserved keys of metrics.json")

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from tqdm import tqdm
 
@@ -54,6 +54,7 @@ from student.losses import METRIC_SUMS, distillation_loss
 from student.model import build_model, forward_logits
 from student.schedule import make_scheduler
 from student.settings import LossSettings, ModelSettings, TrainSettings
+from student.specs import read_spec
 from student.tokenizer import StudentTokenizer
 from teacher.alignment import vocab_mapper
 
@@ -87,17 +88,7 @@ class SpecError(ValueError):
 
 def load_spec(path: str | Path) -> TrainSpec:
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: training spec not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SpecError(f"{path}: not valid JSON: {exc}") from None
-    try:
-        spec = TrainSpec.model_validate(data)
-    except ValidationError as exc:
-        lines = [f"{path}: field '{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors()]
-        raise SpecError("invalid training spec:\n  " + "\n  ".join(lines)) from None
+    spec = read_spec(path, TrainSpec, "training", SpecError)
     for name in ("tokenizer", "train_data", "val_data"):
         value = getattr(spec, name)
         if value is not None and not value.is_file():

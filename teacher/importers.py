@@ -22,7 +22,7 @@ from typing import Any
 
 from storage.records import TeacherVocab, TopKRecord
 from teacher.collect import build_record
-from teacher.inputs import InputError, item_from_object
+from teacher.inputs import InputError, decode_json_line, item_from_object
 from teacher.parsing import Parsed, ResponseShapeError, Token, decode_token_string, parse_chat, top_k
 
 FORMATS = ("openai-batch", "metaseq")
@@ -41,13 +41,7 @@ def _json_lines(path: Path) -> Iterator[tuple[str, Any]]:
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise InputError(f"{where}: not UTF-8 text (byte {exc.start} of the line)") from None
-            except json.JSONDecodeError as exc:
-                raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            yield where, obj
+            yield where, decode_json_line(raw, where)
 
 
 def _batch_prompts(requests: Path) -> dict[str, tuple[str, dict]]:

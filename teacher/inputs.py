@@ -54,6 +54,16 @@ def _messages(value: Any, where: str) -> tuple[dict[str, str], ...]:
     return tuple(out)
 
 
+def decode_json_line(raw: bytes, where: str) -> Any:
+    """One JSONL line as an object; a line that is not UTF-8 or not JSON is an ``InputError`` at ``where``."""
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{where}: not UTF-8 text (byte {exc.start} of the line)") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
 def item_from_object(obj: Any, where: str) -> WorkItem:
     """A work item from one decoded JSON object (or Parquet row); ``where`` names it in errors."""
     if not isinstance(obj, dict):
@@ -81,13 +91,7 @@ def read_jsonl(
                 continue
             where = f"{path}:{lineno}"
             try:
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as exc:
-                    raise InputError(f"{where}: not UTF-8 text (byte {exc.start} of the line)") from None
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                item = item_from_object(obj, where)
+                item = item_from_object(decode_json_line(raw, where), where)
             except InputError as exc:
                 if on_bad_line == "fail":
                     raise
