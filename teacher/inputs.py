@@ -8,8 +8,9 @@ file:line, or (``on_bad_line="skip"``) is skipped and counted.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -81,24 +82,30 @@ def item_from_object(obj: Any, where: str) -> WorkItem:
     return WorkItem(prompt=prompt, split=split, source_id=source_id)
 
 
+def _accepted(
+    entries: Iterable[tuple[str, Callable[[], Any]]], on_bad_line: Literal["fail", "skip"], stats: ReadStats
+) -> Iterator[WorkItem]:
+    """Work items from ``(where, load)`` entries; a bad entry fails the read or is skipped and counted."""
+    for where, load in entries:
+        try:
+            item = item_from_object(load(), where)
+        except InputError as exc:
+            if on_bad_line == "fail":
+                raise
+            stats.skipped_lines.append(str(exc))
+            continue
+        stats.items += 1
+        yield item
+
+
 def read_jsonl(
     path: Path, on_bad_line: Literal["fail", "skip"] = "fail", stats: ReadStats | None = None
 ) -> Iterator[WorkItem]:
     stats = stats if stats is not None else ReadStats()
     with path.open("rb") as handle:  # decoded line by line, so a bad byte is reported on its own line
-        for lineno, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                item = item_from_object(decode_json_line(raw, where), where)
-            except InputError as exc:
-                if on_bad_line == "fail":
-                    raise
-                stats.skipped_lines.append(str(exc))
-                continue
-            stats.items += 1
-            yield item
+        lines = ((f"{path}:{n}", raw) for n, raw in enumerate(handle, start=1) if raw.strip())
+        entries = ((where, functools.partial(decode_json_line, raw, where)) for where, raw in lines)
+        yield from _accepted(entries, on_bad_line, stats)
 
 
 def chunk_text(text: str, chunk_chars: int) -> list[str]:
@@ -130,19 +137,9 @@ def read_parquet(
     import pyarrow.parquet as pq
 
     stats = stats if stats is not None else ReadStats()
-    row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-        for obj in batch.to_pylist():
-            row += 1
-            try:
-                item = item_from_object(obj, f"{path}: row {row}")
-            except InputError as exc:
-                if on_bad_line == "fail":
-                    raise
-                stats.skipped_lines.append(str(exc))
-                continue
-            stats.items += 1
-            yield item
+    rows = (obj for batch in pq.ParquetFile(path).iter_batches(batch_size=1024) for obj in batch.to_pylist())
+    entries = ((f"{path}: row {n}", lambda obj=obj: obj) for n, obj in enumerate(rows, start=1))
+    yield from _accepted(entries, on_bad_line, stats)
 
 
 def read_inputs(
