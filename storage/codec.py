@@ -27,6 +27,8 @@ from functools import cache
 
 import numpy as np
 
+from storage.kernels import decode_q16_entries
+
 LOGPROB_FLOOR = -80.0  # logprobs below this are stored as this (p < 2e-35 carries no mass worth a bit)
 OPENAI_SENTINEL = -9999.0  # "not returned" logprob: such an entry is padding, never data
 RESIDUAL_RESOLUTION = 1e-7  # smallest residual mass a sum of float32 probabilities resolves
@@ -132,26 +134,9 @@ def decode_q16(deltas: np.ndarray, tail: np.ndarray, k: np.ndarray, params: Q16P
     tail_prob = np.where(
         tail_codes == TAIL_NONE, 0.0, prob_table[np.minimum(tail_codes, len(prob_table) - 1)]
     )
-    if len(k) and k.min() == k.max() and k[0] > 0:  # fixed k (the usual case): work on a [P, k] view
-        codes = np.cumsum(deltas.reshape(len(k), int(k[0])), axis=1, dtype=np.int32)
-        total = prob_table.astype(np.float32)[codes].sum(axis=1, dtype=np.float64) + tail_prob
-        logprobs = logprob_table.astype(np.float32)[codes]
-        logprobs -= np.log(total).astype(np.float32)[:, None]
-        return logprobs.ravel()
-    seg = segment_ids(k)
-    running = np.cumsum(deltas, dtype=np.int64)
-    starts = segment_starts(k)[:-1]
-    base = np.zeros(len(k), dtype=np.int64)
-    nonempty = k > 0
-    base[nonempty] = running[starts[nonempty]] - deltas[starts[nonempty]]
-    codes = running - base[seg]
-    tail_codes = tail.astype(np.int64)
-    tail_prob = np.where(
-        tail_codes == TAIL_NONE, 0.0, prob_table[np.minimum(tail_codes, len(prob_table) - 1)]
-    )
-    total = np.bincount(seg, weights=prob_table[codes], minlength=len(k)) + tail_prob
-    log_total = np.log(np.where(total > 0, total, 1.0))
-    return (logprob_table[codes] - log_total[seg]).astype(np.float32)
+    out = np.empty(len(deltas), dtype=np.float32)
+    decode_q16_entries(deltas, segment_starts(k), tail_prob, logprob_table, prob_table, out)
+    return out
 
 
 def encode_logprobs(codec: str, logprob: np.ndarray, k: np.ndarray, params: Q16Params):

@@ -1,6 +1,7 @@
 """``PackedReader``: stream a snapshot's shards into fixed-length packed rows of torch tensors.
 
-How rows are made (all numpy, no Python loop per token):
+How rows are made (numpy, and the compiled loops of ``storage.kernels`` for the per-entry work; no Python loop
+per token):
 
 1. Each epoch orders the shards by a permutation of ``(seed, epoch)`` and reads them ``shuffle_window`` shards
    at a time (memory: one window of decoded shards plus one row of carry-over).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from storage.codec import concat_ranges, segment_ids, segment_starts
+from storage.kernels import equal_strings, fill_rows, gather_rows, lookup, pack_rows
 from storage.records import TokenMap
 from storage.schema import META_HAS_LOGITS, META_MAX_K, TOKEN_COLUMNS, TOPK_COLUMNS, ShardArrays
 from storage.shards import read_shard_arrays
@@ -45,16 +48,21 @@ def identity_token_map(student_vocab: list[bytes]) -> MapVocab:
     """A ``map_vocab`` for a student whose tokens are byte strings (``student_vocab[id]``): a teacher token maps
     to the student id with the same bytes (the last such id); one without is spelled greedily (longest known
     prefix first), so a student vocabulary containing all 256 single bytes spells everything."""
-    index = {b: i for i, b in enumerate(student_vocab)}
+
     reversed_vocab = pa.array(student_vocab[::-1], pa.binary())  # index_in finds the first: the last id
-    longest = max((len(b) for b in student_vocab), default=1)
+
+    @cache
+    def index() -> tuple[dict[bytes, int], int]:
+        """Student id of every byte string and the longest one (built on the first token to spell)."""
+        return {b: i for i, b in enumerate(student_vocab)}, max((len(b) for b in student_vocab), default=1)
 
     def spell(data: bytes) -> np.ndarray:
+        ids, longest = index()
         pieces, start = [], 0
         while start < len(data):
             for end in range(min(len(data), start + longest), start, -1):
-                if data[start:end] in index:
-                    pieces.append(index[data[start:end]])
+                if data[start:end] in ids:
+                    pieces.append(ids[data[start:end]])
                     start = end
                     break
             else:
@@ -73,13 +81,20 @@ def identity_token_map(student_vocab: list[bytes]) -> MapVocab:
     return map_vocab
 
 
+def _binary_buffers(array: pa.BinaryArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [n + 1], bytes) of a binary array, as numpy views of its Arrow buffers."""
+    offsets = np.frombuffer(array.buffers()[1], np.int32, count=len(array) + 1, offset=4 * array.offset)
+    data = array.buffers()[2]
+    return offsets, np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+
+
 class _StudentSpellings:
     """The student spelling of every teacher token this reader has met, in slots (one per token met).
 
     ``map_vocab`` sees each token once per reader, not once per shard: the shards of one teacher share most of
     their vocabulary. A shard's table finds its tokens' slots by teacher id, and a slot counts only if its bytes
     equal the table's (ids are the server's, or assigned by each collector run in its own order), checked in one
-    vectorised comparison; the rest are mapped as new. ``map_vocab`` must map each token on its bytes alone (it
+    compiled comparison; the rest are mapped as new. ``map_vocab`` must map each token on its bytes alone (it
     gets only the new ones). Memory grows with the teacher's vocabulary, not with the data.
     """
 
@@ -99,8 +114,9 @@ class _StudentSpellings:
         slot = self.slot_of_id[teacher_ids]
         seen = np.flatnonzero(slot >= 0)
         if len(seen):
-            same = pc.equal(table.take(pa.array(seen)), self.known.take(pa.array(slot[seen])))
-            slot[seen[~same.to_numpy(zero_copy_only=False)]] = -1
+            same = np.empty(len(seen), bool)
+            equal_strings(*_binary_buffers(table), seen, *_binary_buffers(self.known), slot[seen], same)
+            slot[seen[~same]] = -1
         new = np.flatnonzero(slot < 0)
         if len(new):
             tokens = table.take(pa.array(new))
@@ -137,64 +153,79 @@ class Coverage:
 
 
 @dataclass
-class _Docs:
-    """Documents in the student's vocabulary: tokens, each pointing at a row of a dense top-k table.
+class _Table:
+    """A dense top-k table: row ``r`` holds one token's K teacher entries (-1 / -inf padding), in student ids."""
 
-    ``ids[row[t]]`` / ``logprobs[row[t]]`` are token ``t``'s K teacher entries (-1 / -inf padding); ``row[t]``
-    is -1 for a token without targets. Reordering documents only reorders the per-token arrays, and a batch is
-    one gather of whole table rows (the decoded arrays themselves when every position has k entries). After
-    ``concat`` the last table row is padding, which rows without targets gather.
+    ids: np.ndarray  # int32 or int64 [R, K]
+    logprobs: np.ndarray  # float32 [R, K]
+    logits: np.ndarray | None = None  # float32 [R, K]
+
+
+def _gather(tables: list[_Table], rows: np.ndarray, k: int, with_logits: bool):
+    """Rows of the tables laid end to end (``rows`` index that concatenation; -1: no targets) as dense arrays
+    ``rows.shape + (k,)``: (ids int64, logprobs float32, logits float32 or None). The tables are never
+    concatenated (a window's tables are tens of MB): each fills the rows it holds."""
+    flat = rows.reshape(-1)
+    shape = (*rows.shape, k)
+    ids, logprobs = np.empty((len(flat), k), np.int64), np.empty((len(flat), k), np.float32)
+    fill_rows(flat, ids, -1)
+    fill_rows(flat, logprobs, -np.inf)
+    logits = np.full((len(flat), k), np.nan, np.float32) if with_logits else None
+    first = 0
+    for table in tables:
+        gather_rows(table.ids, first, flat, ids)
+        gather_rows(table.logprobs, first, flat, logprobs)
+        if logits is not None and table.logits is not None:
+            gather_rows(table.logits, first, flat, logits)
+        first += len(table.ids)
+    return ids.reshape(shape), logprobs.reshape(shape), None if logits is None else logits.reshape(shape)
+
+
+@dataclass
+class _Docs:
+    """Documents in the student's vocabulary: tokens, each pointing at a row of the top-k tables.
+
+    ``row[t]`` indexes the rows of ``tables`` laid end to end (-1: a token without targets). Reordering
+    documents only reorders the per-token arrays, and a batch gathers whole table rows (the decoded shard
+    arrays themselves when every position has k entries).
     """
 
     doc_offsets: np.ndarray  # [D + 1] into the tokens
     tokens: np.ndarray  # int64 [L]
     row: np.ndarray  # int64 [L] into the tables, -1: no targets
-    ids: np.ndarray  # int32 [R, K] student ids (R >= 1)
-    logprobs: np.ndarray  # float32 [R, K]
-    logits: np.ndarray | None = None  # float32 [R, K]
+    tables: list[_Table]
 
     def take(self, order: np.ndarray) -> _Docs:
         lengths = np.diff(self.doc_offsets)[order]
         index = concat_ranges(self.doc_offsets[:-1][order], lengths)
-        return _Docs(
-            segment_starts(lengths), self.tokens[index], self.row[index], self.ids, self.logprobs, self.logits
-        )
+        return _Docs(segment_starts(lengths), self.tokens[index], self.row[index], self.tables)
 
-    def tail(self, start: int) -> _Docs:
-        """Tokens from ``start`` on, as one document, with their table rows copied compactly."""
+    def tail(self, start: int, k: int, with_logits: bool) -> _Docs:
+        """Tokens from ``start`` on, as one document, with their table rows copied into one compact table."""
         rows = self.row[start:]
         present = rows >= 0
-        taken = np.concatenate([rows[present], [0]])  # (one spare row keeps the table non-empty)
+        table = _Table(*_gather(self.tables, rows[present], k, with_logits))
         return _Docs(
             np.array([0, len(rows)]),
             self.tokens[start:],
             np.where(present, np.cumsum(present) - 1, -1),
-            self.ids[taken],
-            self.logprobs[taken],
-            None if self.logits is None else self.logits[taken],
+            [table],
         )
 
     @staticmethod
-    def concat(parts: list[_Docs], with_logits: bool) -> _Docs:
-        """The parts' documents in order, their tables followed by one padding row."""
+    def concat(parts: list[_Docs]) -> _Docs:
+        """The parts' documents in order (their tables are listed, not copied)."""
         doc_offsets, rows, doc_base, row_base = [np.zeros(1, np.int64)], [], 0, 0
         for p in parts:
             doc_offsets.append(p.doc_offsets[1:] + doc_base)
             rows.append(np.where(p.row >= 0, p.row + row_base, -1))
             doc_base += len(p.tokens)
-            row_base += len(p.ids)
-
-        def logits(p: _Docs) -> np.ndarray:
-            return p.logits if p.logits is not None else np.full(p.ids.shape, np.nan, np.float32)
-
-        pad = _pad_docs(0, parts[0].ids.shape[1])
+            row_base += sum(len(t.ids) for t in p.tables)
         return _Docs(
             np.concatenate(doc_offsets),
             np.concatenate([p.tokens for p in parts]),
             np.concatenate(rows),
-            np.concatenate([p.ids for p in [*parts, pad]]),
-            np.concatenate([p.logprobs for p in [*parts, pad]]),
-            np.concatenate([logits(p) for p in [*parts, pad]]) if with_logits else None,
+            [t for p in parts for t in p.tables],
         )
 
 
@@ -220,13 +251,14 @@ def _dense_topk(shard: ShardArrays, single: np.ndarray, top_k: int, coverage: Co
     """
     k = shard.k
     positions = len(k)
-    mapped = single[shard.topk_ids]
-    keep = mapped >= 0
-    kept = int(keep.sum())
+    mapped = np.empty(len(shard.topk_ids), np.int32)
+    lookup(single, shard.topk_ids, mapped)
+    every_id_maps = bool((single >= 0).all())  # (checked on the vocabulary, not on every entry)
+    kept = len(mapped) if every_id_maps else int((mapped >= 0).sum())
     coverage.kept += kept
     coverage.dropped += len(mapped) - kept
     width = int(k.max()) if positions else 0
-    if kept == len(mapped) and positions and k.min() == width >= top_k:  # fixed k, nothing dropped: views
+    if every_id_maps and positions and k.min() == width >= top_k:  # fixed k, nothing dropped: views
 
         def view(a):
             return None if a is None else a.reshape(positions, width)[:, :top_k]
@@ -236,6 +268,7 @@ def _dense_topk(shard: ShardArrays, single: np.ndarray, top_k: int, coverage: Co
     ids = np.full((rows, top_k), -1, dtype=np.int32)
     logprobs = np.full((rows, top_k), -np.inf, dtype=np.float32)
     logits = None if shard.topk_logits is None else np.full((rows, top_k), np.nan, np.float32)
+    keep = mapped >= 0
     position = segment_ids(k)
     kept_start = segment_starts(np.bincount(position[keep], minlength=positions))[:-1]
     column = np.cumsum(keep) - keep - kept_start[position]
@@ -302,7 +335,7 @@ def shard_to_docs(
         tokens, row = merged
     else:
         doc_offsets = row_offsets - row_offsets[0]
-    return _Docs(doc_offsets, tokens, row, ids, logprobs, logits)
+    return _Docs(doc_offsets, tokens, row, [_Table(ids, logprobs, logits)])
 
 
 @dataclass
@@ -313,10 +346,9 @@ class _Stream:
     doc_of_token: np.ndarray
 
 
-def _pad_docs(n: int, k: int) -> _Docs:
-    """``n`` padding tokens (no targets; a one-row table of padding)."""
-    empty_ids, empty_logprobs = np.full((1, k), -1, np.int32), np.full((1, k), -np.inf, np.float32)
-    return _Docs(np.array([0, n]), np.zeros(n, np.int64), np.full(n, -1, np.int64), empty_ids, empty_logprobs)
+def _pad_docs(n: int) -> _Docs:
+    """``n`` padding tokens (no targets)."""
+    return _Docs(np.array([0, n]), np.zeros(n, np.int64), np.full(n, -1, np.int64), [])
 
 
 @dataclass
@@ -418,13 +450,13 @@ class PackedReader:
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         rows_per_batch = self.micro_batch_size * self.dp_size
         own_start = self.dp_rank * self.micro_batch_size
-        carry = _Stream(_pad_docs(0, self.k), np.zeros(0, np.int64))
+        carry = _Stream(_pad_docs(0), np.zeros(0, np.int64))
         next_doc, row, pending = 0, 0, []
         batch_index = 0
         for w in range(0, n, self.shuffle_window):
             parts = [self._docs_of(i) for i in order[w : w + self.shuffle_window]]
             count = sum(len(p.doc_offsets) - 1 for p in parts)
-            docs = _Docs.concat([carry.docs, *parts], self.with_logits)
+            docs = _Docs.concat([carry.docs, *parts])
             if self.shuffle:  # the carry (document 0 here) stays first
                 docs = docs.take(np.concatenate([[0], rng.permutation(count) + 1]))
             new_lengths = np.diff(docs.doc_offsets)[1:]
@@ -461,41 +493,28 @@ class PackedReader:
     def _pad(self, carry: _Stream) -> _Stream:
         """The carry followed by padding up to one row (``seq_len + 1`` tokens)."""
         n = self.seq_len + 1 - len(carry.docs.tokens)
-        docs = _Docs.concat([carry.docs, _pad_docs(n, self.k)], self.with_logits)
+        docs = _Docs.concat([carry.docs, _pad_docs(n)])
         return _Stream(docs, np.concatenate([carry.doc_of_token, np.full(n, -1, np.int64)]))
 
-    @staticmethod
-    def _slice(stream: _Stream, start: int) -> _Stream:
-        return _Stream(stream.docs.tail(start), stream.doc_of_token[start:])
+    def _slice(self, stream: _Stream, start: int) -> _Stream:
+        return _Stream(stream.docs.tail(start, self.k, self.with_logits), stream.doc_of_token[start:])
 
     def _materialize(self, stream: _Stream, starts: list[int]) -> dict[str, np.ndarray]:
         """Rows starting at ``starts`` of the stream as numpy arrays [R, S(, K)]."""
-        S = self.seq_len
-        index = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(S + 1)[None, :]
-        d = stream.docs
-        tokens, doc = d.tokens[index], stream.doc_of_token[index]
-        doc_in, doc_label = doc[:, :-1], doc[:, 1:]
-        loss = (doc_in == doc_label) & (doc_label >= 0)
-        rows = d.row[index[:, 1:]]  # the targets of each label are those of the token it is
-        rows = np.where(loss & (rows >= 0), rows, len(d.ids) - 1)  # (no targets: the padding row)
-        ids = d.ids[rows]
-        starts_flag = np.ones_like(doc_in, dtype=bool)
-        starts_flag[:, 1:] = doc_in[:, 1:] != doc_in[:, :-1]
-        column_s = np.broadcast_to(np.arange(S), doc_in.shape)
-        segment_start = np.maximum.accumulate(np.where(starts_flag, column_s, 0), axis=1)
-        pad = doc_in < 0
+        shape = (len(starts), self.seq_len)
         out = {
-            "tokens": np.where(pad, self.pad_id, tokens[:, :-1]),
-            "labels": np.where(doc_label < 0, self.pad_id, tokens[:, 1:]),
-            "loss_mask": loss.astype(np.float32),
-            "soft_mask": ids[..., 0] >= 0,
-            "topk_ids": ids,
-            "topk_logprobs": d.logprobs[rows],
-            "position_ids": np.where(pad, 0, column_s - segment_start),
-            "doc_ids": np.where(pad, -1, np.cumsum(starts_flag, axis=1) - 1),
+            key: np.empty(shape, _DTYPES[key])
+            for key in ("tokens", "labels", "loss_mask", "position_ids", "doc_ids")
         }
+        rows = np.empty(shape, np.int64)  # the top-k table row of each label, -1: none
+        d = stream.docs
+        starts = np.asarray(starts, dtype=np.int64)
+        pack_rows(d.tokens, stream.doc_of_token, d.row, starts, self.pad_id, out["tokens"], out["labels"],
+                  out["loss_mask"], rows, out["position_ids"], out["doc_ids"])  # fmt: skip
+        out["topk_ids"], out["topk_logprobs"], logits = _gather(d.tables, rows, self.k, self.with_logits)
+        out["soft_mask"] = out["topk_ids"][..., 0] >= 0
         if self.with_logits:
-            out["topk_logits"] = d.logits[rows]
+            out["topk_logits"] = logits
         return out
 
     def _batch(self, stream: _Stream | None, pending: list) -> dict[str, torch.Tensor]:
@@ -507,7 +526,10 @@ class PackedReader:
         missing = self.micro_batch_size - sum(len(p["tokens"]) for p in parts)
         if missing > 0:
             parts.append(self._empty_rows(missing))
-        batch = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+        batch = {
+            key: np.concatenate([p[key] for p in parts]) if len(parts) > 1 else parts[0][key]
+            for key in parts[0]
+        }
         return {
             key: torch.from_numpy(np.ascontiguousarray(value.astype(_DTYPES[key], copy=False)))
             for key, value in batch.items()

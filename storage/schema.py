@@ -46,6 +46,7 @@ from storage.codec import (
     segment_starts,
     sort_positions,
 )
+from storage.kernels import interleave_planes
 from storage.records import TeacherVocab, TopKRecord
 
 FORMAT_VERSION = "1"
@@ -167,9 +168,16 @@ def to_planes(values: np.ndarray, lengths: np.ndarray, planes: int) -> pa.Struct
     return pa.StructArray.from_arrays(fields, fields=list(planes_type(planes)))
 
 
+def one_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """The column as one array; a single chunk is used as it is (``combine_chunks`` copies even then)."""
+    if isinstance(column, pa.Array):
+        return column
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
 def from_planes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """Inverse of ``to_planes``: the flat int32 values of all rows, in order."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    array = one_array(column)
     planes = []
     for field in array.flatten():  # (flatten applies the struct's own offset)
         offsets = np.frombuffer(
@@ -179,10 +187,9 @@ def from_planes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     size = len(planes[0]) if planes else 0
     if any(len(p) != size for p in planes):
         raise ShardError("byte planes of different lengths (damaged shard)")
-    little_endian = np.zeros((size, 4), dtype=np.uint8)  # bytes of int32 values, then one reinterpretation
-    for i, plane in enumerate(planes):
-        little_endian[:, i] = plane
-    return little_endian.view("<i4").reshape(size)
+    values = np.empty(size, dtype=np.int32)
+    interleave_planes(*planes, *planes[:1] * (4 - len(planes)), len(planes), values)
+    return values
 
 
 @dataclass
@@ -352,7 +359,7 @@ class ShardArrays:
 
 def _flat_values(column: pa.ChunkedArray | pa.Array, dtype) -> tuple[np.ndarray, np.ndarray]:
     """(values, row offsets) of a list column, zero-copy where Arrow allows."""
-    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    array = one_array(column)
     offsets = array.offsets.to_numpy().astype(np.int64)
     values = array.values.to_numpy(zero_copy_only=False)
     values = values[offsets[0] : offsets[-1]].astype(dtype, copy=False)
@@ -441,9 +448,7 @@ def table_to_arrays(table: pa.Table, source: str) -> ShardArrays:
 
     logits = None
     if "topk_logits" in table.column_names:
-        logits = _decode_logits(
-            table.column("topk_logits").combine_chunks(), entry_offsets[row_offsets], source
-        )
+        logits = _decode_logits(one_array(table.column("topk_logits")), entry_offsets[row_offsets], source)
     return ShardArrays(
         table=table.select([c for c in METADATA_COLUMNS if c in table.column_names]),
         row_offsets=row_offsets,

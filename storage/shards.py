@@ -30,6 +30,7 @@ from storage.schema import (
     ShardError,
     arrays_to_records,
     check_schema,
+    one_array,
     records_to_table,
     table_to_arrays,
 )
@@ -175,7 +176,7 @@ def read_records(path: Path) -> list[TopKRecord]:
 
 def index_rows(table: pa.Table) -> pa.Table:
     """Per-row facts the catalog keeps: the metadata columns plus token and soft-target counts."""
-    k = table.column("topk_k").combine_chunks()
+    k = one_array(table.column("topk_k"))
     lengths = pc.list_value_length(k).to_numpy(zero_copy_only=False).astype(np.int64)
     nonzero = (k.values.to_numpy(zero_copy_only=False) > 0).astype(np.int64)
     offsets = k.offsets.to_numpy().astype(np.int64)

@@ -5,6 +5,7 @@ import pytest
 
 from storage.catalog import Catalog
 from storage.reader import PackedReader, identity_token_map
+from storage.records import TeacherVocab
 from storage.settings import StorageSettings
 from storage.shards import ShardWriter, read_records
 from storage.snapshot import create_snapshot
@@ -217,3 +218,33 @@ def test_resume_continues_exactly(snapshot):
     # an endless reader keeps going past the epochs
     infinite = iter(reader(snapshot, seed=5, micro_batch_size=2, epochs=None))
     assert len([next(infinite) for _ in range(len(full) + 3)]) == len(full) + 3
+
+
+def test_teacher_ids_renumbered_between_shards(tmp_path):
+    """Two collector runs gave the same teacher id to different tokens: each shard maps by its own bytes."""
+    words = [b"alpha", b"beta"]
+
+    def vocab(order):
+        v = TeacherVocab()
+        for b in range(256):
+            v.add(b, bytes([b]))
+        for i, word in enumerate(order):
+            v.add(256 + i, word)
+        return v
+
+    rng = np.random.default_rng(0)
+    student = [bytes([b]) for b in range(256)] + [b"beta", b"alpha"]
+    with Catalog(tmp_path) as catalog:
+        for index, (order, tokens) in enumerate([(words, [256, 257, 256]), (words[::-1], [257, 257, 256])]):
+            record = make_record(rng, 500 + index, 3, tokens=np.array(tokens))
+            record.topk_ids = np.where(record.topk_ids >= 0, 256 + record.topk_ids % 2, -1).astype(np.int32)
+            record.topk_ids[:, 1:] = -1  # (one candidate per position: no duplicate ids)
+            record.topk_logprobs[:, 1:] = -np.inf
+            with ShardWriter(tmp_path, StorageSettings(data_dir=tmp_path), catalog=catalog) as writer:
+                writer([record], vocab(order))
+        snapshot = create_snapshot(catalog, "renumbered")
+    (batch,) = list(PackedReader(snapshot, 8, 1, identity_token_map(student), shuffle=False))
+    tokens, docs = batch["tokens"][0].numpy(), batch["doc_ids"][0].numpy()
+    spelled = {tuple(tokens[docs == d].tolist()) for d in (0, 1)}
+    # shard one: 256 = alpha (student 257), 257 = beta (256); shard two the other way round
+    assert spelled == {(257, 256, 257), (257, 257, 256)}

@@ -10,7 +10,7 @@ import pytest
 from storage.catalog import Catalog
 from storage.codec import topk_kl
 from storage.records import TopKRecord
-from storage.schema import ShardError, from_planes
+from storage.schema import ShardError, from_planes, to_planes
 from storage.settings import StorageSettings
 from storage.shards import ShardWriter, read_records, shard_dir
 from storage.snapshot import create_snapshot, load_snapshot
@@ -89,6 +89,32 @@ def test_shard_is_self_contained(tmp_path):
     ids = from_planes(table["topk_ids"])
     assert ids.min() >= 0 and ids.max() < 400
     assert not path.with_suffix(".parquet.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    "high",
+    [
+        "dense",  # every byte plane interleaved
+        "sparse",  # a few values past 2**16: the top plane is patched in, not interleaved
+        "zero",  # high planes all zero
+        "small",  # bytes past the first nearly all zero: one plane, two patched (like q16 code deltas)
+    ],
+)
+def test_byte_planes_round_trip(high):
+    rng = np.random.default_rng(3)
+    lengths = np.array([0, 5, 1, 997, 20, 0, 13])  # (an entry count that is not a multiple of 8)
+    values = rng.integers(0, 1 << 16, size=lengths.sum())
+    if high == "dense":
+        values = rng.integers(0, 1 << 24, size=lengths.sum())
+    elif high == "small":
+        values = rng.integers(0, 1 << 8, size=lengths.sum())
+        values[[0, 600]] = [300, (1 << 24) - 2]
+    elif high == "sparse":
+        values[[3, 500, len(values) - 1]] = [(1 << 24) - 1, 1 << 16, 70_000]
+    array = to_planes(values, lengths, 3)
+    decoded = from_planes(pa.chunked_array([array.slice(0, 3), array.slice(3)]))  # (chunked, offset slices)
+    assert decoded.dtype == np.int32
+    assert decoded.tolist() == values.tolist()
 
 
 def write_some(data_dir, catalog=None, seed=1, count=9, **kwargs):

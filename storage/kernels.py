@@ -1,0 +1,124 @@
+"""Compiled loops (numba) for the reader's per-entry hot paths: byte planes -> ints, q16 decoding, id lookup.
+
+A shard holds millions of top-k entries. In numpy each step (interleave the byte planes, a cumulative sum per
+position, two table lookups, a sum, a log, a subtraction, the id mapping) is a pass over arrays of tens of MB;
+fused into one loop per step the reader decodes an entry in a few nanoseconds, so data loading keeps ahead of
+training on one core (``benchmarks/storage.py``). Every kernel is the loop its numpy docstring describes, and
+the tests compare them with plain numpy. Compiled code is cached next to this file (``cache=True``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def interleave_planes(p0, p1, p2, p3, planes, out):
+    """``out[i] = p0[i] | p1[i] << 8 | p2[i] << 16 | p3[i] << 24`` over the first ``planes`` planes."""
+    for i in range(out.shape[0]):
+        value = np.int32(p0[i])
+        if planes > 1:
+            value |= np.int32(p1[i]) << 8
+        if planes > 2:
+            value |= np.int32(p2[i]) << 16
+        if planes > 3:
+            value |= np.int32(p3[i]) << 24
+        out[i] = value
+
+
+@njit(cache=True, nogil=True)
+def decode_q16_entries(deltas, entry_offsets, tail_prob, logprob_table, prob_table, out):
+    """Per position ``p`` (entries ``entry_offsets[p]:entry_offsets[p + 1]``): codes are the running sum of the
+    deltas; ``out = logprob_table[code] - log(Σ prob_table[code] + tail_prob[p])`` (sum from 0.0 in entry
+    order, then the tail; float64, cast to float32)."""
+    for p in range(entry_offsets.shape[0] - 1):
+        start, end = entry_offsets[p], entry_offsets[p + 1]
+        code, total = 0, 0.0
+        for e in range(start, end):
+            code += deltas[e]
+            if code < 0 or code >= prob_table.shape[0]:
+                raise IndexError("q16 code outside the code table (damaged shard)")
+            total += prob_table[code]
+        total += tail_prob[p]
+        log_total = np.log(total) if total > 0 else 0.0
+        code = 0
+        for e in range(start, end):
+            code += deltas[e]
+            out[e] = np.float32(logprob_table[code] - log_total)
+
+
+@njit(cache=True, nogil=True)
+def lookup(table, index, out):
+    """``out[i] = table[index[i]]``."""
+    for i in range(index.shape[0]):
+        j = index[i]
+        if j < 0 or j >= table.shape[0]:
+            raise IndexError("index outside the lookup table")
+        out[i] = table[j]
+
+
+@njit(cache=True, nogil=True)
+def pack_rows(
+    tokens, doc_of_token, row, starts, pad_id, out_tokens, labels, loss_mask, target_rows, positions, docs
+):
+    """Row ``r`` of a batch from stream tokens ``[starts[r], starts[r] + S]`` (``S`` = the outputs' width).
+
+    Inputs are stream tokens ``t`` (labels ``t + 1``); ``doc_of_token`` -1 marks padding. A label counts
+    (``loss_mask``) when it continues its input's document; ``target_rows`` is then the label's top-k table row
+    (else -1). Positions and document ids restart at each document and at each row (-1 / 0 on padding)."""
+    width = out_tokens.shape[1]
+    for r in range(starts.shape[0]):
+        start = starts[r]
+        position, doc_index = 0, -1
+        for i in range(width):
+            t = start + i
+            doc, next_doc = doc_of_token[t], doc_of_token[t + 1]
+            if i == 0 or doc != doc_of_token[t - 1]:
+                position, doc_index = 0, doc_index + 1
+            pad = doc < 0
+            out_tokens[r, i] = pad_id if pad else tokens[t]
+            labels[r, i] = pad_id if next_doc < 0 else tokens[t + 1]
+            counts = doc == next_doc and next_doc >= 0
+            loss_mask[r, i] = 1.0 if counts else 0.0
+            target_rows[r, i] = row[t + 1] if counts else -1
+            positions[r, i] = 0 if pad else position
+            docs[r, i] = -1 if pad else doc_index
+            position += 1
+
+
+@njit(cache=True, nogil=True)
+def gather_rows(table, first, rows, out):
+    """``out[i] = table[rows[i] - first]`` for the ``rows`` that fall in the table (``first`` is the global
+    index of its row 0); other rows of ``out`` are left as they are."""
+    end = first + table.shape[0]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        if first <= r < end:
+            for j in range(out.shape[1]):
+                out[i, j] = table[r - first, j]
+
+
+@njit(cache=True, nogil=True)
+def fill_rows(rows, out, value):
+    """``out[i] = value`` for every ``rows[i] < 0`` (rows without targets)."""
+    for i in range(rows.shape[0]):
+        if rows[i] < 0:
+            for j in range(out.shape[1]):
+                out[i, j] = value
+
+
+@njit(cache=True, nogil=True)
+def equal_strings(offsets_a, data_a, index_a, offsets_b, data_b, index_b, out):
+    """``out[i]``: string ``index_a[i]`` of A has the same bytes as string ``index_b[i]`` of B (each a binary
+    column as Arrow lays it out: ``offsets`` [n + 1] into ``data``)."""
+    for i in range(index_a.shape[0]):
+        a, b = index_a[i], index_b[i]
+        start_a, start_b = offsets_a[a], offsets_b[b]
+        length = offsets_a[a + 1] - start_a
+        same = length == offsets_b[b + 1] - start_b
+        j = 0
+        while same and j < length:
+            same = data_a[start_a + j] == data_b[start_b + j]
+            j += 1
+        out[i] = same
