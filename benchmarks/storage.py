@@ -294,7 +294,7 @@ def plain_read_rate(files: list[bytes], epochs: int) -> float:
             table = pq.read_table(pa.BufferReader(data), columns=["tokens", "topk_ids", "topk_logprobs"])
             ids = table.column("topk_ids").combine_chunks().values.to_numpy().reshape(-1, K)
             logprobs = table.column("topk_logprobs").combine_chunks().values.to_numpy().reshape(-1, K)
-            batch = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(logprobs)
+            batch = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(logprobs.copy())
             tokens += len(batch[0])
         rates.append(tokens / (time.process_time() - cpu))
     return float(np.median(rates))

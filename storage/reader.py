@@ -36,7 +36,14 @@ import torch
 from storage.codec import concat_ranges, segment_ids, segment_starts
 from storage.kernels import equal_strings, fill_rows, gather_rows, lookup, pack_rows
 from storage.records import TokenMap
-from storage.schema import META_HAS_LOGITS, META_MAX_K, TOKEN_COLUMNS, TOPK_COLUMNS, ShardArrays
+from storage.schema import (
+    META_HAS_LOGITS,
+    META_MAX_K,
+    TOKEN_COLUMNS,
+    TOPK_COLUMNS,
+    ShardArrays,
+    binary_buffers,
+)
 from storage.shards import read_shard_arrays
 from storage.snapshot import Snapshot, load_snapshot
 
@@ -81,13 +88,6 @@ def identity_token_map(student_vocab: list[bytes]) -> MapVocab:
     return map_vocab
 
 
-def _binary_buffers(array: pa.BinaryArray) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets [n + 1], bytes) of a binary array, as numpy views of its Arrow buffers."""
-    offsets = np.frombuffer(array.buffers()[1], np.int32, count=len(array) + 1, offset=4 * array.offset)
-    data = array.buffers()[2]
-    return offsets, np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
-
-
 class _StudentSpellings:
     """The student spelling of every teacher token this reader has met, in slots (one per token met).
 
@@ -115,7 +115,7 @@ class _StudentSpellings:
         seen = np.flatnonzero(slot >= 0)
         if len(seen):
             same = np.empty(len(seen), bool)
-            equal_strings(*_binary_buffers(table), seen, *_binary_buffers(self.known), slot[seen], same)
+            equal_strings(*binary_buffers(table), seen, *binary_buffers(self.known), slot[seen], same)
             slot[seen[~same]] = -1
         new = np.flatnonzero(slot < 0)
         if len(new):

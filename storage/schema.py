@@ -10,22 +10,23 @@ Per row (``n`` positions, ``E`` = Σ k top-k entries):
 =================  ==================  ===================================================================
 column             type                meaning
 =================  ==================  ===================================================================
-token_rank         list<uint8> [n]     rank of the actual token within its position's top-k; 255: not there
+token_rank         planes(1) [n]       rank of the actual token within its position's top-k; 255: not there
 token_other        list<int32>         shard ranks of the actual tokens with ``token_rank == 255``, in order
-topk_k             list<uint16> [n]    entries per position (0 where the teacher gave none)
+topk_k             planes(2) [n]       entries per position (0 where the teacher gave none)
 topk_ids           planes(3) [E]       shard ranks, sorted by decreasing logprob within a position
 topk_logprobs      planes(2) [E]       q16: code deltas (see ``storage.codec``); f16/f32: list<float16/32>
-topk_tail          list<uint16> [n]    q16 only: code of the residual mass ``1 − Σ p``
+topk_tail          planes(2) [n]       q16 only: code of the residual mass ``1 − Σ p``
 topk_logits        list<float32> [E]   raw teacher logits, null when the teacher gave none
 =================  ==================  ===================================================================
 
 plus the request metadata (sample_id, split, teacher, mode, prompt, text, params as JSON, created_at, usage,
-finish_reason). The two big per-entry integer columns are stored as *byte planes*: ``planes(n)`` is a struct of
-``n`` binary fields ``b0..b{n-1}``, field ``bi`` holding byte ``i`` (little-endian) of each of the row's
-entries. zstd then sees each byte plane as its own stream (high bytes are nearly all zero, low bytes of small
-ranks are skewed), and reading is a decompress and a copy, with no per-value Parquet list decoding (3x faster
-than ``list<int32>`` with BYTE_STREAM_SPLIT at the same size). The small integer list columns use Parquet's
-BYTE_STREAM_SPLIT encoding for the same reason.
+finish_reason). The integer columns with a value per entry or per position are stored as *byte planes*:
+``planes(n)`` is a struct of ``n`` binary fields ``b0..b{n-1}``, field ``bi`` holding byte ``i`` (little-endian)
+of each of the row's values. zstd then sees each byte plane as its own stream (high bytes are nearly all zero,
+low bytes of small ranks are skewed), and reading is a decompress and a copy, with no per-value Parquet list
+decoding (3x faster than ``list<int32>`` with BYTE_STREAM_SPLIT at the same size; format 1 still kept the
+per-position columns as lists, which cost the reader a tenth of its time). ``token_other`` (a few values per
+row) keeps Parquet's BYTE_STREAM_SPLIT list encoding.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from storage.codec import (
 from storage.kernels import interleave_planes
 from storage.records import TeacherVocab, TopKRecord
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 NOT_IN_TOPK = 255
 META_FORMAT = b"distill.format"
 META_CODEC = b"distill.logprob_codec"
@@ -88,7 +89,7 @@ _METADATA_FIELDS = [
 METADATA_COLUMNS = [f.name for f in _METADATA_FIELDS]
 TOKEN_COLUMNS = ["token_rank", "token_other"]
 TOPK_COLUMNS = ["topk_k", "topk_ids", "topk_logprobs", "topk_tail"]  # (topk_tail: q16 shards only)
-BYTE_SPLIT_COLUMNS = ["token_other", "topk_k", "topk_logprobs", "topk_tail"]  # the list<int/float> ones
+BYTE_SPLIT_COLUMNS = ["token_other", "topk_logprobs"]  # the list<int/float> ones
 
 
 class ShardError(ValueError):
@@ -100,14 +101,14 @@ def shard_schema(codec: str) -> pa.Schema:
         raise ValueError(f"unknown logprob codec {codec!r} (expected one of {sorted(_LOGPROB_TYPES)})")
     fields = [
         *_METADATA_FIELDS,
-        pa.field("token_rank", pa.list_(pa.uint8()), nullable=False),
+        pa.field("token_rank", planes_type(1), nullable=False),
         pa.field("token_other", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk_k", pa.list_(pa.uint16()), nullable=False),
+        pa.field("topk_k", planes_type(2), nullable=False),
         pa.field("topk_ids", planes_type(ID_PLANES), nullable=False),
         pa.field("topk_logprobs", _LOGPROB_TYPES[codec], nullable=False),
     ]
     if codec == "q16":
-        fields.append(pa.field("topk_tail", pa.list_(pa.uint16()), nullable=False))
+        fields.append(pa.field("topk_tail", planes_type(2), nullable=False))
     fields.append(pa.field("topk_logits", pa.list_(pa.float32())))
     return pa.schema(fields)
 
@@ -175,21 +176,32 @@ def one_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
     return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
-def from_planes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
-    """Inverse of ``to_planes``: the flat int32 values of all rows, in order."""
-    array = one_array(column)
-    planes = []
-    for field in array.flatten():  # (flatten applies the struct's own offset)
-        offsets = np.frombuffer(
-            field.buffers()[1], dtype=np.int32, count=len(field) + 1, offset=4 * field.offset
-        )
-        planes.append(np.frombuffer(field.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]])
-    size = len(planes[0]) if planes else 0
-    if any(len(p) != size for p in planes):
-        raise ShardError("byte planes of different lengths (damaged shard)")
-    values = np.empty(size, dtype=np.int32)
+def binary_buffers(array: pa.BinaryArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets [n + 1], bytes) of a binary array, as numpy views of its Arrow buffers."""
+    offsets = np.frombuffer(array.buffers()[1], np.int32, count=len(array) + 1, offset=4 * array.offset)
+    data = array.buffers()[2]
+    return offsets, np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+
+
+def plane_rows(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of ``to_planes``: (the flat int32 values of all rows in order, row offsets [rows + 1])."""
+    planes, row_offsets = [], None
+    for field in one_array(column).flatten():  # (flatten applies the struct's own offset)
+        offsets, data = binary_buffers(field)
+        if row_offsets is not None and not np.array_equal(offsets - offsets[0], row_offsets):
+            raise ShardError("byte planes of different lengths (damaged shard)")
+        row_offsets = (offsets - offsets[0]).astype(np.int64)
+        planes.append(data[offsets[0] : offsets[-1]])
+    if row_offsets is None or any(len(p) != row_offsets[-1] for p in planes):
+        raise ShardError("byte planes missing or truncated (damaged shard)")
+    values = np.empty(len(planes[0]), dtype=np.int32)
     interleave_planes(*planes, *planes[:1] * (4 - len(planes)), len(planes), values)
-    return values
+    return values, row_offsets
+
+
+def from_planes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The flat int32 values of a ``planes(n)`` column (see ``plane_rows``)."""
+    return plane_rows(column)[0]
 
 
 @dataclass
@@ -301,9 +313,9 @@ def records_to_table(
         "prompt_tokens": pa.array([int(r.prompt_tokens) for r in records], pa.int32()),
         "completion_tokens": pa.array([int(r.completion_tokens) for r in records], pa.int32()),
         "finish_reason": pa.array([r.finish_reason for r in records], pa.string()),
-        "token_rank": _list_array(in_topk, n_rows, pa.uint8()),
+        "token_rank": to_planes(in_topk.astype(np.int64), n_rows, 1),
         "token_other": _list_array(token_ranks[other].astype(np.int32), other_per_row, pa.int32()),
-        "topk_k": _list_array(flat.k.astype(np.uint16), n_rows, pa.uint16()),
+        "topk_k": to_planes(flat.k.astype(np.int64), n_rows, 2),
         "topk_ids": to_planes(entry_ranks, entries_per_row, ID_PLANES),
         "topk_logprobs": (
             to_planes(values.astype(np.int64), entries_per_row, CODE_PLANES)
@@ -312,7 +324,7 @@ def records_to_table(
         ),
     }
     if tail is not None:
-        columns["topk_tail"] = _list_array(tail, n_rows, pa.uint16())
+        columns["topk_tail"] = to_planes(tail.astype(np.int64), n_rows, 2)
     columns["topk_logits"] = logits
     metadata = {
         META_FORMAT: FORMAT_VERSION.encode(),
@@ -421,7 +433,7 @@ def table_to_arrays(table: pa.Table, source: str) -> ShardArrays:
     """Decode a shard table (already schema-checked) into flat arrays; ids stay shard ranks."""
     codec, params = codec_of(table.schema, source)
     vocab_ids, vocab_table = decode_vocab(table.schema.metadata[META_VOCAB], source)
-    k, row_offsets = _flat_values(table.column("topk_k"), np.int64)
+    k, row_offsets = plane_rows(table.column("topk_k"))
     entry_offsets = segment_starts(k)
     topk_ids = from_planes(table.column("topk_ids"))
     if codec == "q16":
@@ -430,12 +442,12 @@ def table_to_arrays(table: pa.Table, source: str) -> ShardArrays:
         values, _ = _flat_values(table.column("topk_logprobs"), None)
     if codec == "q16" and "topk_tail" not in table.column_names:
         raise ShardError(f"{source}: q16 shard without its topk_tail column")
-    tail = _flat_values(table.column("topk_tail"), np.int64)[0] if codec == "q16" else None
+    tail = from_planes(table.column("topk_tail")) if codec == "q16" else None
     if len(topk_ids) != entry_offsets[-1] or len(values) != entry_offsets[-1]:
         raise ShardError(f"{source}: top-k columns disagree with topk_k (damaged shard)")
     logprobs = decode_logprobs(codec, values, tail, k, params)
 
-    token_rank, _ = _flat_values(table.column("token_rank"), np.int64)
+    token_rank = from_planes(table.column("token_rank"))
     other, _ = _flat_values(table.column("token_other"), np.int64)
     in_topk = token_rank != NOT_IN_TOPK
     tokens = np.empty(len(token_rank), dtype=np.int64)

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.codec import Q16Params
+from storage.codec import Q16Params, segment_starts
 from storage.records import TeacherVocab, TopKRecord
 from storage.schema import (
     BYTE_SPLIT_COLUMNS,
@@ -30,7 +29,8 @@ from storage.schema import (
     ShardError,
     arrays_to_records,
     check_schema,
-    one_array,
+    from_planes,
+    plane_rows,
     records_to_table,
     table_to_arrays,
 )
@@ -121,7 +121,7 @@ def write_shard(table: pa.Table, data_dir: Path, settings: StorageSettings) -> S
         raise
     _fsync_dir(directory)
     codec = table.schema.metadata[b"distill.logprob_codec"].decode()
-    tokens = int(pc.sum(pc.list_value_length(table.column("topk_k"))).as_py() or 0)
+    tokens = len(from_planes(table.column("topk_k")))
     return ShardInfo(name, (directory / name).stat().st_size, digest, table.num_rows, tokens, codec)
 
 
@@ -176,12 +176,9 @@ def read_records(path: Path) -> list[TopKRecord]:
 
 def index_rows(table: pa.Table) -> pa.Table:
     """Per-row facts the catalog keeps: the metadata columns plus token and soft-target counts."""
-    k = one_array(table.column("topk_k"))
-    lengths = pc.list_value_length(k).to_numpy(zero_copy_only=False).astype(np.int64)
-    nonzero = (k.values.to_numpy(zero_copy_only=False) > 0).astype(np.int64)
-    offsets = k.offsets.to_numpy().astype(np.int64)
-    cumulative = np.concatenate([[0], np.cumsum(nonzero)])
-    soft = cumulative[offsets[1:]] - cumulative[offsets[:-1]]
+    k, offsets = plane_rows(table.column("topk_k"))
+    cumulative = segment_starts((k > 0).astype(np.int64))
+    lengths, soft = np.diff(offsets), cumulative[offsets[1:]] - cumulative[offsets[:-1]]
     columns = [c for c in METADATA_COLUMNS if c not in ("prompt", "text")]
     return (
         table.select(columns)
