@@ -1,10 +1,12 @@
-"""Compiled loops (numba) for the reader's per-entry hot paths: byte planes -> ints, q16 decoding, id lookup.
+"""Compiled loops (numba) for the reader's per-entry hot paths: byte planes -> ints, q16 decoding, id lookup,
+row packing and gathering, and the byte comparison of vocabulary entries.
 
 A shard holds millions of top-k entries. In numpy each step (interleave the byte planes, a cumulative sum per
-position, two table lookups, a sum, a log, a subtraction, the id mapping) is a pass over arrays of tens of MB;
-fused into one loop per step the reader decodes an entry in a few nanoseconds, so data loading keeps ahead of
-training on one core (``benchmarks/storage.py``). Every kernel is the loop its numpy docstring describes, and
-the tests compare them with plain numpy. Compiled code is cached next to this file (``cache=True``).
+position, two table lookups, a sum, a log, a subtraction, the id mapping, the gathers of a batch) is a pass over
+arrays of tens of MB; as one loop per step the reader decodes an entry in a few nanoseconds, so data loading
+keeps ahead of training on one core (``benchmarks/storage.py``). Each docstring states the computation, and
+``tests/storage/test_storage_kernels.py`` compares every kernel with a plain numpy version of it. Compiled code
+is cached next to this file (``cache=True``); indices that come from a file are bounds-checked.
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ def pack_rows(
 def gather_rows(table, first, rows, out):
     """``out[i] = table[rows[i] - first]`` for the ``rows`` that fall in the table (``first`` is the global
     index of its row 0); other rows of ``out`` are left as they are."""
+    if table.shape[1] != out.shape[1]:
+        raise ValueError("table and output widths differ")
     end = first + table.shape[0]
     for i in range(rows.shape[0]):
         r = rows[i]

@@ -82,6 +82,8 @@ def test_gather_rows_fills_only_its_rows():
     mine = (rows >= 40) & (rows < 90)
     assert np.array_equal(out[mine], table[rows[mine] - 40])
     assert (out[~mine] == 7.0).all()
+    with pytest.raises(ValueError, match="widths"):
+        gather_rows(table, 40, rows, np.empty((300, 5), np.float32))
 
 
 def numpy_pack_rows(tokens, doc_of_token, row, starts, seq_len, pad_id):
