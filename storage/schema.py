@@ -25,8 +25,8 @@ finish_reason). The integer columns with a value per entry or per position are s
 of each of the row's values. zstd then sees each byte plane as its own stream (high bytes are nearly all zero,
 low bytes of small ranks are skewed), and reading is a decompress and a copy, with no per-value Parquet list
 decoding (3x faster than ``list<int32>`` with BYTE_STREAM_SPLIT at the same size; format 1 still kept the
-per-position columns as lists, which cost the reader a tenth of its time). ``token_other`` (a few values per
-row) keeps Parquet's BYTE_STREAM_SPLIT list encoding.
+per-position columns as lists, which cost the reader a tenth of its time; format-1 shards still read).
+``token_other`` (a few values per row) keeps Parquet's BYTE_STREAM_SPLIT list encoding.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from storage.kernels import interleave_planes
 from storage.records import TeacherVocab, TopKRecord
 
 FORMAT_VERSION = "2"
+READABLE_FORMATS = ("1", "2")  # format 1: token_rank, topk_k, topk_tail were lists (uint8, uint16, uint16)
 NOT_IN_TOPK = 255
 META_FORMAT = b"distill.format"
 META_CODEC = b"distill.logprob_codec"
@@ -96,19 +97,23 @@ class ShardError(ValueError):
     """A shard file that cannot be used; the message names the file and what is wrong."""
 
 
-def shard_schema(codec: str) -> pa.Schema:
+def shard_schema(codec: str, version: str = FORMAT_VERSION) -> pa.Schema:
     if codec not in _LOGPROB_TYPES:
         raise ValueError(f"unknown logprob codec {codec!r} (expected one of {sorted(_LOGPROB_TYPES)})")
+
+    def per_position(planes: int, list_type: pa.DataType) -> pa.DataType:
+        return pa.list_(list_type) if version == "1" else planes_type(planes)
+
     fields = [
         *_METADATA_FIELDS,
-        pa.field("token_rank", planes_type(1), nullable=False),
+        pa.field("token_rank", per_position(1, pa.uint8()), nullable=False),
         pa.field("token_other", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk_k", planes_type(2), nullable=False),
+        pa.field("topk_k", per_position(2, pa.uint16()), nullable=False),
         pa.field("topk_ids", planes_type(ID_PLANES), nullable=False),
         pa.field("topk_logprobs", _LOGPROB_TYPES[codec], nullable=False),
     ]
     if codec == "q16":
-        fields.append(pa.field("topk_tail", planes_type(2), nullable=False))
+        fields.append(pa.field("topk_tail", per_position(2, pa.uint16()), nullable=False))
     fields.append(pa.field("topk_logits", pa.list_(pa.float32())))
     return pa.schema(fields)
 
@@ -202,6 +207,13 @@ def plane_rows(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarr
 def from_planes(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """The flat int32 values of a ``planes(n)`` column (see ``plane_rows``)."""
     return plane_rows(column)[0]
+
+
+def per_position(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(values, row offsets) of a per-position column: byte planes (format 2) or a list (format 1)."""
+    if pa.types.is_struct(column.type):
+        return plane_rows(column)
+    return _flat_values(column, np.int64)
 
 
 @dataclass
@@ -378,13 +390,22 @@ def _flat_values(column: pa.ChunkedArray | pa.Array, dtype) -> tuple[np.ndarray,
     return values, offsets - offsets[0]
 
 
-def codec_of(schema: pa.Schema, source: str) -> tuple[str, Q16Params]:
+def format_of(schema: pa.Schema, source: str) -> str:
+    """The shard format version, one this code reads."""
     metadata = schema.metadata or {}
     if META_CODEC not in metadata or META_VOCAB not in metadata:
         raise ShardError(f"{source}: not a distill shard (no {META_CODEC.decode()} / vocab metadata)")
     version = metadata.get(META_FORMAT, b"?").decode()
-    if version != FORMAT_VERSION:
-        raise ShardError(f"{source}: shard format {version!r}, this version reads {FORMAT_VERSION!r}")
+    if version not in READABLE_FORMATS:
+        raise ShardError(
+            f"{source}: shard format {version!r}, this version reads {' and '.join(READABLE_FORMATS)}"
+        )
+    return version
+
+
+def codec_of(schema: pa.Schema, source: str) -> tuple[str, Q16Params]:
+    format_of(schema, source)
+    metadata = schema.metadata
     codec = metadata[META_CODEC].decode()
     if codec not in _LOGPROB_TYPES:
         raise ShardError(f"{source}: unknown logprob codec {codec!r}")
@@ -395,7 +416,7 @@ def codec_of(schema: pa.Schema, source: str) -> tuple[str, Q16Params]:
 def check_schema(schema: pa.Schema, source: str) -> str:
     """Raise ``ShardError`` naming the file and the first differing column unless ``schema`` is a shard's."""
     codec, _ = codec_of(schema, source)
-    expected = shard_schema(codec)
+    expected = shard_schema(codec, format_of(schema, source))
     for field in expected:
         index = schema.get_field_index(field.name)
         if index < 0:
@@ -433,7 +454,7 @@ def table_to_arrays(table: pa.Table, source: str) -> ShardArrays:
     """Decode a shard table (already schema-checked) into flat arrays; ids stay shard ranks."""
     codec, params = codec_of(table.schema, source)
     vocab_ids, vocab_table = decode_vocab(table.schema.metadata[META_VOCAB], source)
-    k, row_offsets = plane_rows(table.column("topk_k"))
+    k, row_offsets = per_position(table.column("topk_k"))
     entry_offsets = segment_starts(k)
     topk_ids = from_planes(table.column("topk_ids"))
     if codec == "q16":
@@ -442,12 +463,12 @@ def table_to_arrays(table: pa.Table, source: str) -> ShardArrays:
         values, _ = _flat_values(table.column("topk_logprobs"), None)
     if codec == "q16" and "topk_tail" not in table.column_names:
         raise ShardError(f"{source}: q16 shard without its topk_tail column")
-    tail = from_planes(table.column("topk_tail")) if codec == "q16" else None
+    tail = per_position(table.column("topk_tail"))[0] if codec == "q16" else None
     if len(topk_ids) != entry_offsets[-1] or len(values) != entry_offsets[-1]:
         raise ShardError(f"{source}: top-k columns disagree with topk_k (damaged shard)")
     logprobs = decode_logprobs(codec, values, tail, k, params)
 
-    token_rank = from_planes(table.column("token_rank"))
+    token_rank = per_position(table.column("token_rank"))[0]
     other, _ = _flat_values(table.column("token_other"), np.int64)
     in_topk = token_rank != NOT_IN_TOPK
     tokens = np.empty(len(token_rank), dtype=np.int64)

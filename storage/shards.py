@@ -29,8 +29,7 @@ from storage.schema import (
     ShardError,
     arrays_to_records,
     check_schema,
-    from_planes,
-    plane_rows,
+    per_position,
     records_to_table,
     table_to_arrays,
 )
@@ -121,7 +120,7 @@ def write_shard(table: pa.Table, data_dir: Path, settings: StorageSettings) -> S
         raise
     _fsync_dir(directory)
     codec = table.schema.metadata[b"distill.logprob_codec"].decode()
-    tokens = len(from_planes(table.column("topk_k")))
+    tokens = len(per_position(table.column("topk_k"))[0])
     return ShardInfo(name, (directory / name).stat().st_size, digest, table.num_rows, tokens, codec)
 
 
@@ -176,7 +175,7 @@ def read_records(path: Path) -> list[TopKRecord]:
 
 def index_rows(table: pa.Table) -> pa.Table:
     """Per-row facts the catalog keeps: the metadata columns plus token and soft-target counts."""
-    k, offsets = plane_rows(table.column("topk_k"))
+    k, offsets = per_position(table.column("topk_k"))
     cumulative = segment_starts((k > 0).astype(np.int64))
     lengths, soft = np.diff(offsets), cumulative[offsets[1:]] - cumulative[offsets[:-1]]
     columns = [c for c in METADATA_COLUMNS if c not in ("prompt", "text")]

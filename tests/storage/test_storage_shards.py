@@ -10,7 +10,7 @@ import pytest
 from storage.catalog import Catalog
 from storage.codec import topk_kl
 from storage.records import TopKRecord
-from storage.schema import ShardError, from_planes, to_planes
+from storage.schema import ShardError, from_planes, plane_rows, to_planes
 from storage.settings import StorageSettings
 from storage.shards import ShardWriter, read_records, shard_dir
 from storage.snapshot import create_snapshot, load_snapshot
@@ -174,6 +174,31 @@ def test_schema_mismatch_is_named(tmp_path):
         read_records(path)
     pq.write_table(pa.table({"x": [1, 2]}), path)  # a Parquet file that is not a shard
     with pytest.raises(ShardError, match=rf"{info.name}: not a distill shard"):
+        read_records(path)
+
+
+def test_format_1_shards_still_read(tmp_path):
+    """Shards written before format 2 (per-position columns as lists) read back the same; reindex counts them."""
+    (info, *_) = write_some(tmp_path)
+    path = shard_dir(tmp_path) / info.name
+    table = pq.read_table(path)
+    old = table.replace_schema_metadata({**table.schema.metadata, b"distill.format": b"1"})
+    for name, value_type in (("token_rank", pa.uint8()), ("topk_k", pa.uint16()), ("topk_tail", pa.uint16())):
+        values, offsets = plane_rows(table[name])
+        lists = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, value_type))
+        old = old.set_column(old.column_names.index(name), name, lists)
+    legacy = tmp_path / "legacy"
+    shard_dir(legacy).mkdir(parents=True)
+    pq.write_table(old, shard_dir(legacy) / info.name)
+    for new, back in zip(read_records(path), read_records(shard_dir(legacy) / info.name), strict=True):
+        assert_same(new, back, "q16")
+    with Catalog(legacy) as catalog:
+        catalog.reindex()
+        stats = catalog.stats()
+        assert stats.tokens == info.tokens == sum(s.tokens for s in stats.splits.values())
+    future = table.replace_schema_metadata({**table.schema.metadata, b"distill.format": b"9"})
+    pq.write_table(future, path)
+    with pytest.raises(ShardError, match=rf"{info.name}: shard format '9', this version reads 1 and 2"):
         read_records(path)
 
 
