@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from pipeline.config import DistillConfig, render_config
+from student.specs import read_json
 
 SCHEMA = "distill-eval/1"
 METRIC_LABELS = {
@@ -91,12 +92,7 @@ def load_metrics(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.json"
-    if not path.is_file():
-        raise ReportError(f"{path}: metrics file not found (run the evaluate stage first)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ReportError(f"{path}: not valid JSON: {exc}") from None
+    data = read_json(path, "metrics file not found (run the evaluate stage first)", ReportError)
     if data.get("schema") != SCHEMA:
         raise ReportError(f"{path}: expected schema {SCHEMA!r}, got {data.get('schema')!r}")
     for name in data.get("models", []):

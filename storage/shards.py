@@ -120,7 +120,7 @@ def write_shard(table: pa.Table, data_dir: Path, settings: StorageSettings) -> S
         raise
     _fsync_dir(directory)
     codec = table.schema.metadata[b"distill.logprob_codec"].decode()
-    tokens = len(per_position(table.column("topk_k"))[0])
+    tokens = int(per_position(table.column("topk_k"))[1][-1])
     return ShardInfo(name, (directory / name).stat().st_size, digest, table.num_rows, tokens, codec)
 
 
