@@ -76,6 +76,12 @@ def _teacher_metrics(
     return TopKOutputs(*(torch.cat(parts) for parts in zip(*blocks, strict=True)))
 
 
+def _masked_sum(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Sum of ``values`` over ``rows``; rows outside may hold inf or NaN (padding under arbitrary logits), which
+    a multiply by a 0/1 weight would turn into NaN."""
+    return torch.where(rows, values, torch.zeros_like(values)).sum()
+
+
 def distillation_loss(
     logits: torch.Tensor,
     batch: Mapping[str, torch.Tensor],
@@ -138,21 +144,19 @@ def distillation_loss(
             per_token = per_token + settings.alpha * soft_rows.to(dtype) * mse
         hard_ce = out.hard_ce
 
-    weight = contributing.to(dtype)
-    tokens = weight.sum()
-    loss = (per_token * weight).sum() / tokens.clamp(min=1.0)
-    soft = soft_rows.to(dtype)
+    tokens = contributing.to(dtype).sum()
+    loss = _masked_sum(per_token, contributing) / tokens.clamp(min=1.0)
     sums = {
         "tokens": tokens,
-        "soft_tokens": soft.sum(),
-        "hard_ce_sum": (hard_ce * weight).sum(),
-        "kl_sum": (out.kl * soft).sum(),
-        "teacher_entropy_sum": (out.teacher_entropy * soft).sum(),
-        "top1_agree_sum": (out.top1_agree.to(dtype) * soft).sum(),
+        "soft_tokens": soft_rows.to(dtype).sum(),
+        "hard_ce_sum": _masked_sum(hard_ce, contributing),
+        "kl_sum": _masked_sum(out.kl, soft_rows),
+        "teacher_entropy_sum": _masked_sum(out.teacher_entropy, soft_rows),
+        "top1_agree_sum": _masked_sum(out.top1_agree.to(dtype), soft_rows),
     }
     metrics = {key: value.detach() for key, value in sums.items()}
     metrics["loss"] = loss.detach()
-    soft_tokens = soft.sum().clamp(min=1.0)
+    soft_tokens = sums["soft_tokens"].clamp(min=1.0)
     metrics["hard_ce"] = metrics["hard_ce_sum"] / tokens.clamp(min=1.0)
     metrics["kl"] = metrics["kl_sum"] / soft_tokens
     metrics["teacher_entropy"] = metrics["teacher_entropy_sum"] / soft_tokens
