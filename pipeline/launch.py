@@ -38,6 +38,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 GRACE_SECONDS = 5.0
 PARENT_ENV = "DISTILL_LAUNCH_PARENT"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 # Warnings every megatron-core import prints on CPU (no TransformerEngine / Apex): noise in every log.
@@ -228,17 +229,22 @@ def supervise(cmd: Sequence[str]) -> int:
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     parent = int(os.environ.pop(PARENT_ENV, os.getppid()))
-    stop = threading.Event()
+    stopped: list[int] = []
 
     def on_signal(signum, frame) -> None:
-        stop.set()
+        # Ignore the rest first, and take no lock: a cancellation delivers SIGTERM twice (PDEATHSIG and the
+        # group kill) and maybe SIGHUP within microseconds, and a handler interrupted by the next one while
+        # holding a lock (threading.Event.set) deadlocks this single thread, leaving the supervisor asleep.
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        stopped.append(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)
     me = psutil.Process()
     child = subprocess.Popen(list(cmd))
     rc: int | None = None
-    while rc is None and not stop.is_set():
+    while rc is None and not stopped:
         if os.getppid() != parent:  # parent died and PDEATHSIG did not reach us
             break
         with contextlib.suppress(subprocess.TimeoutExpired):

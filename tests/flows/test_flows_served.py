@@ -209,6 +209,20 @@ def _trainers(root: Path) -> list[psutil.Process]:
     return found
 
 
+def _describe(proc: psutil.Process) -> str:
+    """A straggler's pid, state, age, parent and command line, so a failure says which link of the chain held."""
+    with proc.oneshot():
+        try:
+            parent = proc.parent()
+            parent_cmd = " ".join(parent.cmdline()) if parent else "-"
+            return (
+                f"pid {proc.pid} {proc.status()} age {time.time() - proc.create_time():.0f}s "
+                f"ppid {proc.ppid()} ({parent_cmd[:200]}): {' '.join(proc.cmdline())[:300]}"
+            )
+        except psutil.Error as exc:
+            return f"pid {proc.pid}: {exc!r}"
+
+
 def test_cancel_during_training_leaves_no_trainer(
     server: Server, tiny_project: TinyProject, completed_run: str
 ) -> None:
@@ -228,4 +242,4 @@ def test_cancel_during_training_leaves_no_trainer(
     deadline = time.monotonic() + 60
     while (left := _trainers(tiny_project.root)) and time.monotonic() < deadline:
         time.sleep(1)
-    assert left == [], [p.cmdline() for p in left]
+    assert left == [], [_describe(p) for p in left]

@@ -111,3 +111,33 @@ def test_parent_killed_with_sigkill_leaves_no_descendant(tree: Path) -> None:
             parent.kill()
         for proc in _alive(marker):
             proc.kill()
+
+
+def test_supervisor_survives_a_burst_of_stop_signals(tree: Path, tmp_path: Path) -> None:
+    """Cancellation can deliver SIGTERM twice (PDEATHSIG and the group kill) plus SIGHUP within microseconds;
+    a handler that takes a lock deadlocks when the next signal interrupts it, leaving the supervisor asleep."""
+    for attempt in range(5):
+        marker = f"marker-{os.getpid()}-burst-{attempt}"
+        out = tmp_path / f"supervisor-{attempt}.log"
+        cmd = [sys.executable, "-m", "pipeline.launch", sys.executable, str(tree), marker, "600", "0"]
+        with out.open("w") as sink:
+            supervisor = subprocess.Popen(
+                cmd, cwd=ROOT, env=test_env(), stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            deadline = time.monotonic() + 30
+            while "line one" not in out.read_text() or not _alive(marker):
+                assert time.monotonic() < deadline and supervisor.poll() is None, out.read_text()
+                time.sleep(0.05)
+            deadline = time.monotonic() + 30
+            while supervisor.poll() is None and time.monotonic() < deadline:  # signals until it has exited
+                for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+                    supervisor.send_signal(sig)
+                time.sleep(0.0005)
+            assert supervisor.poll() is not None, "supervisor hung"
+            assert _wait_gone(marker) == [], (supervisor.returncode, out.read_text())
+        finally:
+            if supervisor.poll() is None:
+                supervisor.kill()
+            for proc in _alive(marker):
+                proc.kill()
