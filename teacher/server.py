@@ -10,6 +10,7 @@ Command line::
              --api-key-env VAR (bearer key read from that environment variable; none: no auth)
              --max-batch-size 16  --batch-wait-ms 5  --inject-latency-ms 0  --max-logprobs 20
              --max-model-len N (default: the model's seq_length)  --threads 1  --log-level warning
+             --parent-pid PID (stop when that process, the starter, exits)
 
 Once listening it prints one line ``local teacher server listening on http://HOST:PORT/v1`` (the bound port,
 also when ``--port 0``). ``SIGTERM``/``SIGINT`` stop it gracefully. The key is taken from the environment,
@@ -19,7 +20,8 @@ batch). The API itself (endpoints, shapes, extensions, chat template) is describ
 the batching in ``teacher.server_batching``.
 
 From Python, ``local_teacher_server(...)`` starts the server as a subprocess, waits until ``/v1/models``
-answers, yields a ``RunningServer`` (``base_url``, ``port``, ``api_key``, ``metrics()``) and stops it on exit.
+answers, yields a ``RunningServer`` (``base_url``, ``port``, ``api_key``, ``metrics()``) and stops it on exit;
+it passes ``--parent-pid``, so the server also stops when the starting process is killed without cleanup.
 """
 
 from __future__ import annotations
@@ -83,6 +85,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
     p.add_argument("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
     p.add_argument("--log-level", default="warning")
+    p.add_argument(
+        "--parent-pid", type=int, default=None, help="stop when this process exits (the starter's own pid)"
+    )
     args = p.parse_args(argv)
     if args.random_init and args.tokenizer is None:
         p.error("--random-init needs --tokenizer")
@@ -101,8 +106,24 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _watch_parent(parent_pid: int, interval_s: float = 0.5) -> None:
+    """SIGTERM this process once ``parent_pid`` is no longer its parent: a starter killed outright (a cancelled
+    flow run, SIGKILL) must not leave a server holding its port and memory. The signal stops uvicorn gracefully,
+    or ends a model load that has not finished."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        log.warning("parent process %d has exited; stopping", parent_pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def serve(args: argparse.Namespace) -> None:
-    """Load the model, then serve until SIGTERM/SIGINT."""
+    """Load the model, then serve until SIGTERM/SIGINT (or until ``--parent-pid`` exits)."""
+    if args.parent_pid is not None:
+        _watch_parent(args.parent_pid)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")  # Apex/TE fallbacks: noise
     import torch
     import uvicorn
@@ -229,7 +250,8 @@ def local_teacher_server(
     startup_timeout_s: float = 180,
 ) -> Iterator[RunningServer]:
     """Start ``python -m teacher.server`` as a subprocess, wait for ``/v1/models``, stop it on exit."""
-    cmd = server_command(settings, checkpoint, tokenizer, random_init, seed, model_name)
+    cmd = [*server_command(settings, checkpoint, tokenizer, random_init, seed, model_name), "--parent-pid"]
+    cmd.append(str(os.getpid()))
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}  # always a world of one
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(settings.threads))
     root = str(Path(__file__).resolve().parents[1])

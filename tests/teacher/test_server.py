@@ -8,14 +8,18 @@ test takes the log-softmax of the reference logits itself.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import math
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
+import psutil
 import pytest
 
 from student.settings import ModelSettings
@@ -23,7 +27,7 @@ from student.tokenizer import StudentTokenizer
 from teacher.server import RunningServer, local_teacher_server
 from teacher.settings import LocalTeacherSettings
 from tests.student.worker_inference_tokenizer import train_tokenizer
-from tests.support import PYTHON, run_bounded
+from tests.support import PYTHON, ROOT, run_bounded, test_env
 
 KEY = "sk-test-server-4c1d2e3f"
 MODEL = ModelSettings(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=96)
@@ -329,3 +333,38 @@ def test_command_line_help() -> None:
     assert proc.returncode == 0
     for flag in ("--checkpoint", "--random-init", "--max-batch-size", "--inject-latency-ms", "--api-key-env"):
         assert flag in proc.stdout
+
+
+def test_server_stops_when_its_starter_is_killed(tmp_path: Path) -> None:
+    """A starter killed with SIGKILL runs no cleanup; the server notices its parent is gone and exits."""
+    tokenizer_path = train_tokenizer(tmp_path / "tokenizer.json")
+    starter_code = (
+        "import sys, time\nfrom pathlib import Path\n"
+        "from student.settings import ModelSettings\nfrom teacher.server import local_teacher_server\n"
+        "from teacher.settings import LocalTeacherSettings\n"
+        f"model = ModelSettings.model_validate_json({MODEL.model_dump_json()!r})\n"
+        f"with local_teacher_server(LocalTeacherSettings(), tokenizer=Path({str(tokenizer_path)!r}), "
+        "random_init=model) as server:\n"
+        "    print(server.process.pid, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    starter = subprocess.Popen(
+        [PYTHON, "-c", starter_code], cwd=ROOT, env=test_env(), stdout=subprocess.PIPE, text=True
+    )
+    server_pid = None
+    try:
+        server_pid = int(starter.stdout.readline())
+        server = psutil.Process(server_pid)
+        assert "teacher.server" in " ".join(server.cmdline())
+        starter.kill()
+        starter.wait(timeout=10)
+        psutil.wait_procs([server], timeout=30)
+        assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE, (
+            "server outlived its starter"
+        )
+    finally:
+        if starter.poll() is None:
+            starter.kill()
+        if server_pid is not None:
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(server_pid).kill()
