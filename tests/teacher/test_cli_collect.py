@@ -16,7 +16,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from storage.catalog import Catalog
 from storage.records import TopKRecord
-from storage.shards import ShardWriter, shard_dir
+from storage.shards import TMP_SUFFIX, ShardWriter, shard_dir
 from teacher.collect import collect
 from teacher.inputs import WorkItem
 from tests.support import PYTHON, run_bounded, test_env
@@ -166,3 +166,38 @@ def test_bad_input_line_stops_before_any_request(tmp_path: Path, capsys: pytest.
     assert main(["collect", str(config), "--base-url", "http://127.0.0.1:9/v1"]) == 2
     assert f"{inputs}:2: not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "data" / "shards").exists()
+
+
+def test_ctrl_c_stops_collect_and_keeps_what_was_stored(teacher: Teacher, tmp_path: Path) -> None:
+    """SIGINT to the process group (what a terminal's Ctrl-C sends) ends the collector promptly with code 130;
+    the shards written so far stay complete and listed, and a re-run asks only for the rest."""
+    config = write_setup(tmp_path, teacher, ITEMS)
+    shards = shard_dir(tmp_path / "data")
+    with fault_proxy(teacher.origin, {"latency_s": 0.3}) as proxy:
+        proc = subprocess.Popen(
+            distill_collect(config, proxy.base_url), env=key_env(), start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 120
+            while not list(shards.glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert proc.poll() is None, "the collector finished before it could be interrupted"
+            os.killpg(proc.pid, signal.SIGINT)
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out and "Traceback" not in out, out[-3000:]
+    assert PLANTED_KEY not in out
+    assert not list(shards.glob(f"*{TMP_SUFFIX}")), "a half-written shard was left behind"
+    before = stored_records(tmp_path / "data")
+    assert 3 <= len(before) < len(ITEMS)
+    with fault_proxy(teacher.origin, {}) as proxy:
+        rerun = run_bounded(distill_collect(config, proxy.base_url), timeout=180, env=key_env())
+        asked_again = proxy.stats()["forwarded_prompts"]
+    assert rerun.returncode == 0, rerun.stdout
+    assert sorted(asked_again) == sorted(set(ITEMS) - {r.text for r in before})
+    assert len(stored_records(tmp_path / "data")) == len(ITEMS)
