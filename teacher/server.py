@@ -250,8 +250,8 @@ def local_teacher_server(
     startup_timeout_s: float = 180,
 ) -> Iterator[RunningServer]:
     """Start ``python -m teacher.server`` as a subprocess, wait for ``/v1/models``, stop it on exit."""
-    cmd = [*server_command(settings, checkpoint, tokenizer, random_init, seed, model_name), "--parent-pid"]
-    cmd.append(str(os.getpid()))
+    cmd = server_command(settings, checkpoint, tokenizer, random_init, seed, model_name)
+    cmd += ["--parent-pid", str(os.getpid())]
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}  # always a world of one
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(settings.threads))
     root = str(Path(__file__).resolve().parents[1])
