@@ -118,9 +118,10 @@ def test_soft_ce_is_kl_plus_teacher_entropy():
     assert (ref["kl"] >= -1e-12).all()
 
 
-def test_padding_and_masked_positions_never_contribute():
+@pytest.mark.parametrize("kind", ["soft", "mse"])  # "hard" needs megatron-core's TP state: test_losses_tp
+def test_padding_and_masked_positions_never_contribute(kind: str):
     z, b = make_batch(seed=18)
-    settings = LossSettings(kind="soft", tail="tail_bucket", alpha=0.5, temperature=2.0, no_teacher="mask")
+    settings = LossSettings(kind=kind, tail="tail_bucket", alpha=0.5, temperature=2.0, no_teacher="mask")
     outside = ~(b["soft_mask"] & (b["loss_mask"] > 0))
     assert outside.any()
     x = z.clone().requires_grad_()
