@@ -101,19 +101,20 @@ def shard_schema(codec: str, version: str = FORMAT_VERSION) -> pa.Schema:
     if codec not in _LOGPROB_TYPES:
         raise ValueError(f"unknown logprob codec {codec!r} (expected one of {sorted(_LOGPROB_TYPES)})")
 
-    def per_position(planes: int, list_type: pa.DataType) -> pa.DataType:
+    def position_type(planes: int, list_type: pa.DataType) -> pa.DataType:
+        """A per-position column's type: a list in format 1, byte planes since."""
         return pa.list_(list_type) if version == "1" else planes_type(planes)
 
     fields = [
         *_METADATA_FIELDS,
-        pa.field("token_rank", per_position(1, pa.uint8()), nullable=False),
+        pa.field("token_rank", position_type(1, pa.uint8()), nullable=False),
         pa.field("token_other", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk_k", per_position(2, pa.uint16()), nullable=False),
+        pa.field("topk_k", position_type(2, pa.uint16()), nullable=False),
         pa.field("topk_ids", planes_type(ID_PLANES), nullable=False),
         pa.field("topk_logprobs", _LOGPROB_TYPES[codec], nullable=False),
     ]
     if codec == "q16":
-        fields.append(pa.field("topk_tail", per_position(2, pa.uint16()), nullable=False))
+        fields.append(pa.field("topk_tail", position_type(2, pa.uint16()), nullable=False))
     fields.append(pa.field("topk_logits", pa.list_(pa.float32())))
     return pa.schema(fields)
 
