@@ -50,8 +50,10 @@ from storage.records import TeacherVocab, TopKRecord
 from storage.settings import StorageSettings
 from storage.shards import ShardWriter, read_shard_arrays, shard_dir
 from storage.snapshot import create_snapshot
+from student.generation import tail_samples
 
 K = 20
+SAMPLED = (12, 20)  # tail samples per position (the "real" data set, whose full softmax is known)
 RESULTS = Path(__file__).resolve().parent / "results" / "storage.json"
 READER_EPOCHS = 7  # timed epochs after the first (the median is reported)
 
@@ -65,6 +67,8 @@ class DataSet:
     vocab: TeacherVocab
     sample_len: int
     description: str
+    actual_logprobs: np.ndarray | None = None  # float64 [P] the actual token's exact logprob ("real" only)
+    samples: dict[int, list[tuple[list[int], list[int]]]] | None = None  # S -> per position tail samples
 
 
 # --- data set "real": BPE + a small MLP language model over the standard library's source ---------------------
@@ -153,7 +157,9 @@ def real_dataset(quick: bool, seed: int) -> DataSet:
         f"  real: tokenizer V={V}, {len(ids):,} tokens; TinyLM {steps} steps, final train CE {loss.item():.3f}"
     )
 
-    top_ids, top_lp = [], []
+    top_ids, top_lp, actual = [], [], []
+    samples: dict[int, list] = {s: [] for s in SAMPLED}
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for start in range(0, eval_tokens, 8192):
             positions = np.arange(start, min(start + 8192, eval_tokens))
@@ -161,6 +167,9 @@ def real_dataset(quick: bool, seed: int) -> DataSet:
             values, indices = logprobs.topk(K, dim=-1)
             top_ids.append(indices.numpy())
             top_lp.append(values.float().numpy())
+            actual.append(logprobs.gather(1, torch.from_numpy(eval_ids[positions]).view(-1, 1))[:, 0].numpy())
+            for draws in SAMPLED:  # what the local teacher's return_samples draws
+                samples[draws] += tail_samples(logprobs, indices, draws, generator)
     return DataSet(
         "real",
         eval_ids,
@@ -169,6 +178,8 @@ def real_dataset(quick: bool, seed: int) -> DataSet:
         vocab,
         512,
         f"TinyLM softmax top-{K}, BPE V={V}, stdlib text",
+        np.concatenate(actual),
+        samples,
     )
 
 
@@ -316,6 +327,40 @@ def column_breakdown(paths: list[Path], tokens: int) -> dict[str, float]:
     return {name: size / tokens for name, size in sorted(sizes.items(), key=lambda kv: -kv[1])}
 
 
+def measure_sampled(data: DataSet, work: Path) -> dict[str, float]:
+    """Bytes/token of top-K plus S tail samples and the actual token's logprob (float16), and that logprob's
+    error in nats (it enters a cross-entropy directly)."""
+    out: dict[str, float] = {}
+    for draws, per_position in (data.samples or {}).items():
+        records = to_records(data)
+        start = 0
+        for record in records:
+            n = len(record.tokens)
+            chunk = per_position[start : start + n]
+            width = max(len(ids) for ids, _ in chunk)
+            record.sample_ids = np.full((n, width), -1, np.int32)
+            record.sample_counts = np.zeros((n, width), np.int32)
+            for p, (ids, counts) in enumerate(chunk):
+                record.sample_ids[p, : len(ids)], record.sample_counts[p, : len(ids)] = ids, counts
+            record.token_logprobs = data.actual_logprobs[start : start + n].astype(np.float32)
+            start += n
+        folder = work / f"sampled{draws}"
+        with ShardWriter(folder, StorageSettings(data_dir=folder)) as writer:
+            writer(records, data.vocab)
+        paths = [shard_dir(folder) / info.name for info in writer.written]
+        out[f"bytes_per_token_samples_{draws}"] = sum(p.stat().st_size for p in paths) / len(data.tokens)
+        out[f"distinct_samples_per_position_{draws}"] = float(np.mean([len(ids) for ids, _ in per_position]))
+        columns = column_breakdown(paths, len(data.tokens))
+        out[f"columns_bytes_per_token_samples_{draws}"] = {
+            k: v for k, v in columns.items() if k.startswith("sample") or k == "token_logprob"
+        }
+    if data.actual_logprobs is not None:
+        error = np.abs(data.actual_logprobs.astype(np.float16).astype(np.float64) - data.actual_logprobs)
+        out["actual_logprob_f16_error_mean_nats"] = float(error.mean())
+        out["actual_logprob_f16_error_max_nats"] = float(error.max())
+    return out
+
+
 def measure(data: DataSet, work: Path, quick: bool) -> dict[str, float]:
     settings = StorageSettings(data_dir=work)
     records = to_records(data)
@@ -361,6 +406,7 @@ def measure(data: DataSet, work: Path, quick: bool) -> dict[str, float]:
         "bytes_per_token_int32_f32": f32 / tokens,
         "bytes_per_token_int32_f16": f16 / tokens,
         "columns_bytes_per_token": column_breakdown(paths, tokens),
+        **measure_sampled(data, work / "sampled"),
         "description": data.description,
     }
 
@@ -391,6 +437,16 @@ def main() -> int:
             f"               int32+f16  {r['bytes_per_token_int32_f16']:7.2f}   "
             f"ratio {r['bytes_per_token_int32_f16'] / r['bytes_per_token']:.2f}x"
         )
+        for draws in SAMPLED if data.samples else ():
+            print(
+                f"               + S={draws} tail samples ({r[f'distinct_samples_per_position_{draws}']:.1f} "
+                f"distinct) + actual-token logprob (f16): {r[f'bytes_per_token_samples_{draws}']:7.2f}"
+            )
+        if data.actual_logprobs is not None:
+            print(
+                f"  actual-token logprob as float16: error mean {r['actual_logprob_f16_error_mean_nats']:.1e}, "
+                f"max {r['actual_logprob_f16_error_max_nats']:.1e} nats"
+            )
         print(f"  KL(original || decoded), k+1 bins: mean {r['kl_mean']:.2e}  max {r['kl_max']:.2e} nats")
         print(
             f"  reader: {r['reader_tokens_per_s']:,.0f} packed tokens per CPU second (k={K}, one core, median of "

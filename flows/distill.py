@@ -19,7 +19,7 @@ from pipeline import stages
 from pipeline.cache import StageResult, new_run_id, write_summary
 from pipeline.config import load_config
 from pipeline.launch import quiet_known_warnings
-from pipeline.runner import execute, preflight, publish_report
+from pipeline.runner import execute, preflight, publish_report, teacher_stages
 
 
 def _context(config_path: str) -> stages.Context:
@@ -33,10 +33,12 @@ def _publish_tables(results: dict[str, StageResult]) -> None:
     """Metric tables: training (final losses per student) and evaluation (metrics.json rows)."""
     rows = []
     for name, result in results.items():
-        if name.startswith("train_"):
+        if name.startswith("train_"):  # train_<student>, or train_<student>_s<seed> (stages.train_stage_name)
             summary = result.info.get("summary", {})
+            student = result.info.get("student", name.removeprefix("train_"))
+            seed = result.info.get("seed")
             rows.append(
-                {"student": name.removeprefix("train_"), **{k: v for k, v in summary.items() if _scalar(v)}}
+                {"student": student, "seed": seed, **{k: v for k, v in summary.items() if _scalar(v)}}
             )
     if rows:
         create_table_artifact(rows, key="training-summary", description="Training: final figures per student")
@@ -99,10 +101,7 @@ def refresh(config: str = "configs/default.toml") -> dict[str, Any]:
     }
     try:
         corpus = executor.run(stages.prepare_corpus(ctx))
-        teacher = None
-        if stages.uses_bootstrap_teacher(ctx.config):
-            tokenizer = executor.run(stages.tokenizer(ctx, corpus))
-            teacher = executor.run(stages.bootstrap_teacher(ctx, corpus, tokenizer))
+        _, teacher = teacher_stages(ctx, executor, corpus)
         collected = executor.run(stages.collect(ctx, corpus, teacher, refresh=True))
         extra["status"] = "completed"
     finally:

@@ -1,12 +1,13 @@
 """Pipeline stages as Prefect tasks: cache keys from the stage's input hash, logs and progress into the run.
 
 One generic task runs any ``StageSpec``; each submission is renamed after its stage. Its Prefect cache key is
-the stage's own key, so a re-run with unchanged inputs shows as ``Cached``; when the stage's output directory
+the stage's own key and the work dir, so a re-run with unchanged inputs shows as ``Cached``; when the stage's output directory
 is gone (deleted by hand, or a shard it relies on disappeared) the submission refreshes the cache and runs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,8 +22,11 @@ from pipeline.cache import StageResult, StageSpec, read_complete, run_stage
 
 
 def _cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The stage key plus the work dir: Prefect's cache records are global (one results folder for every flow
+    run), and a result found for another config's work dir points at outputs this run must not share."""
     spec: StageSpec = parameters["spec"]
-    return f"{spec.name}-{spec.key}"
+    where = hashlib.sha256(str(Path(parameters["work_dir"]).resolve()).encode()).hexdigest()[:12]
+    return f"{spec.name}-{spec.key}-{where}"
 
 
 @task(cache_key_fn=_cache_key, persist_result=True, result_serializer="pickle")

@@ -1,5 +1,8 @@
 """The ``distill`` command line. Each sub-command group lives in ``pipeline/commands/<name>.py`` and exposes
-``register(subparsers)``; handlers return an exit code. Errors a user can act on are printed without a traceback."""
+``register(subparsers)``; handlers return an exit code. Errors a user can act on are printed without a traceback.
+
+The heavy imports (the config model, the command modules) happen inside ``main``, so that Ctrl-C during
+start-up also prints "interrupted" and exits 130."""
 
 from __future__ import annotations
 
@@ -9,14 +12,14 @@ import logging
 import pkgutil
 import sys
 
-from pipeline import commands
-from pipeline.config import ConfigError
 from pipeline.errors import UserError
 
 __all__ = ["UserError", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pipeline import commands
+
     parser = argparse.ArgumentParser(
         prog="distill", description="Top-k soft distillation of language models."
     )
@@ -27,7 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str] | None) -> int:
+    from pipeline.config import ConfigError
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -39,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UserError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -62,16 +62,21 @@ class CorpusSettings(_Section):
 
 
 class TokenizerSettings(_Section):
+    source: Literal["train", "teacher"] = Field(
+        "train",
+        description="train: a byte-level BPE trained on the corpus (or the file in path); teacher: the local "
+        "teacher's own tokenizer (alignment is then the identity).",
+    )
     path: Path | None = Field(
-        None, description="A tokenizer.json to use; None trains a byte-level BPE on the corpus."
+        None,
+        description="A tokenizer.json to use (source = 'train'); None trains a byte-level BPE on the corpus.",
     )
     vocab_size: int = Field(2048, ge=260, description="Vocabulary size of the trained byte-level BPE.")
 
 
 class BootstrapSettings(_Section):
-    """The embedded default's teacher: a small model trained here on the corpus, then served locally."""
+    """The test suite's teacher (local_teacher.model = 'bootstrap'): a small model trained here on the corpus."""
 
-    checkpoint: Path | None = Field(None, description="Serve this checkpoint instead of training a teacher.")
     model: ModelSettings = Field(
         default_factory=lambda: ModelSettings(
             num_layers=4, hidden_size=256, num_attention_heads=8, ffn_hidden_size=688
@@ -85,9 +90,13 @@ class BootstrapSettings(_Section):
 
 
 class EvaluateSettings(_Section):
-    max_batches: int = Field(64, gt=0, description="Held-out micro-batches evaluated per model.")
+    max_batches: int = Field(
+        64, gt=0, description="Held-out documents evaluated: at most max_batches x micro_batch_size."
+    )
     bootstrap_samples: int = Field(
-        1000, gt=0, description="Bootstrap resamples over held-out sequences for confidence intervals."
+        1000,
+        gt=0,
+        description="Bootstrap resamples (source files x training seeds) for confidence intervals.",
     )
     confidence: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals.")
     ece_bins: int = Field(15, gt=0, description="Bins of the expected calibration error.")
@@ -98,7 +107,25 @@ class EvaluateSettings(_Section):
     prompt_tokens: int = Field(
         32, gt=0, description="Held-out tokens given as the prompt of each generation sample."
     )
-    micro_batch_size: int = Field(8, gt=0, description="Held-out sequences per forward pass.")
+    micro_batch_size: int = Field(
+        8, gt=0, description="Held-out rows (documents or windows) per forward pass."
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [1234],
+        min_length=1,
+        description="Training seeds: each student is trained once per seed; intervals cover seeds and files.",
+    )
+    window_stride: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Stride of the held-out sliding windows over documents longer than a model's context, "
+        "as a fraction of the context (every label keeps at least context x (1 - stride) tokens before it).",
+    )
+    mass_buckets: list[float] = Field(
+        default_factory=lambda: [0.5, 0.8, 0.95],
+        description="Edges of the teacher top-k mass W buckets of the held-out breakdown.",
+    )
 
 
 class DistillConfig(_Section):

@@ -20,10 +20,13 @@ Public API:
 
       SELECT run_id, model, value, ci_low, ci_high FROM eval_results WHERE metric = 'kl_teacher_student'
 
-What the report prints (for the README's soft-vs-hard statement): a **Result** paragraph giving, for hard CE
-and KL(teacher‖student) on the held-out sequences, the soft student's value minus the hard student's with the
-paired-bootstrap interval and whether the interval excludes zero; then the full metric table (every model's
-value and interval, each difference with its interval).
+What the report prints (for the README's soft-vs-hard statement): a **Result** list: the held-out set (documents,
+source files, no context cuts), how the intervals are made (source files x training seeds, ``student.metrics``),
+the teacher's top-k mass W and in-top-k rate, which full-vocabulary metrics could not be given and why, then for
+hard CE, KL(teacher‖student) over the full vocabulary and the KL over top-k + tail bins, each paired difference
+of students with its interval, worded by one rule (``_verdict``): "X is better" only when the interval excludes
+0 and more than one seed was trained, otherwise "no difference shown"; then the teacher's self-check. Then the
+full metric table (mean over seeds [interval] sd across seeds), the breakdown by buckets of W, curves, data.
 """
 
 from __future__ import annotations
@@ -44,16 +47,18 @@ from typing import Any, TypedDict
 from pipeline.config import DistillConfig, render_config
 from student.specs import read_json
 
-SCHEMA = "distill-eval/1"
+SCHEMA = "distill-eval/2"
 METRIC_LABELS = {
     "ce": ("hard CE, nats/token", "lower"),
     "perplexity": ("perplexity", "lower"),
-    "soft_ce": ("soft CE over k+1 bins", "lower"),
-    "kl_teacher_student": ("KL(teacher‖student), k+1 bins", "lower"),
+    "soft_ce": ("soft CE over top-k + tail bins", "lower"),
+    "kl_teacher_student": ("KL over top-k + tail bins (the soft loss itself)", "lower"),
+    "full_kl_teacher_student": ("KL(teacher‖student), full vocabulary", "lower"),
+    "ce_outside_teacher_topk": ("hard CE where the token is outside the teacher's top-k", "lower"),
     "top1_agreement": ("top-1 agreement with teacher", "higher"),
     "ece": ("ECE of student top-1", "lower"),
 }
-HEADLINE = ("ce", "kl_teacher_student")
+HEADLINE = ("ce", "full_kl_teacher_student", "kl_teacher_student")
 SECRET_KEY = re.compile(r"(^|_)(api_key|password|secret)$")
 
 
@@ -209,10 +214,14 @@ def _fmt(value: float | None, sign: bool = False) -> str:
     return f"{value:{plus}.4f}"
 
 
-def _cell(entry: Mapping[str, float | None] | None) -> str:
+def _cell(entry: Mapping[str, Any] | None) -> str:
+    """value [interval], then the spread across seeds when there are several."""
     if not entry or entry.get("value") is None or math.isnan(entry["value"]):
         return "n/a"
-    return f"{_fmt(entry['value'])} [{_fmt(entry.get('ci_low'))}, {_fmt(entry.get('ci_high'))}]"
+    text = f"{_fmt(entry['value'])} [{_fmt(entry.get('ci_low'))}, {_fmt(entry.get('ci_high'))}]"
+    if entry.get("spread") is not None and len(entry.get("seeds") or []) > 1:
+        text += f" sd {_fmt(entry['spread'])}"
+    return text
 
 
 def metric_table(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -229,42 +238,95 @@ def metric_table(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
     return header, rows
 
 
-def _verdict(name: str, entry: Mapping[str, float | None], better: str, level: str) -> str:
+def breakdown_table(metrics: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Rows per bucket of the teacher's top-k mass W: tokens, then each model's CE and KLs."""
+    models = [m for m in metrics["models"] if metrics[m].get("by_teacher_mass")]
+    keys = [k for k in ("ce", "full_kl_teacher_student", "kl_teacher_student")]
+    header = [
+        "teacher top-k mass W",
+        "tokens",
+        *(f"{m}: {METRIC_LABELS[k][0]}" for m in models for k in keys),
+    ]
+    rows = []
+    if not models:
+        return header, rows
+    for index, bucket in enumerate(metrics[models[0]]["by_teacher_mass"]):
+        row = [f"{bucket['low']:.2f} ≤ W < {bucket['high']:.2f}", f"{bucket['tokens']:,}"]
+        row += [_cell(metrics[m]["by_teacher_mass"][index].get(k)) for m in models for k in keys]
+        rows.append(row)
+    return header, rows
+
+
+def _verdict(name: str, entry: Mapping[str, Any], better: str, level: str) -> str:
+    """The interval rule: "X is better" only when the interval (files and seeds) excludes 0 and more than one
+    seed was trained; otherwise "no difference shown"."""
     value, low, high = entry.get("value"), entry.get("ci_low"), entry.get("ci_high")
     a, b = name.split("-", 1)
     if any(x is None or math.isnan(x) for x in (value, low, high)):
         return f"{a} − {b}: not measurable on this held-out data"
-    text = f"{a} − {b} = {_fmt(value, True)} ({level} CI [{_fmt(low, True)}, {_fmt(high, True)}])"
-    if low > 0 or high < 0:
-        winner = a if (value < 0) == (better == "lower") else b
-        return f"{text}: the interval excludes 0, **{winner} is better**"
-    return f"{text}: the interval includes 0, no clear difference"
+    seeds = len(entry.get("seeds") or [])
+    spread = f", sd across {seeds} seeds {_fmt(entry.get('spread'))}" if seeds > 1 else ""
+    text = f"{a} − {b} = {_fmt(value, True)} ({level} CI [{_fmt(low, True)}, {_fmt(high, True)}]{spread})"
+    if not (low > 0 or high < 0):
+        return f"{text}: the interval includes 0, no difference shown"
+    if seeds < 2:
+        return (
+            f"{text}: the interval excludes 0 over held-out files, but one training seed leaves training "
+            "variance unmeasured: no difference shown"
+        )
+    winner = a if (value < 0) == (better == "lower") else b
+    return f"{text}: the interval excludes 0, **{winner} is better**"
 
 
 def result_lines(metrics: Mapping[str, Any]) -> list[str]:
-    """The headline sentences: the held-out set, each paired difference of students on hard CE and
-    KL(teacher‖student), and the teacher's self-check when the teacher was evaluated too."""
+    """The headline sentences: the held-out set and how intervals are made, each paired difference of students
+    on the headline metrics, what the full-vocabulary metrics could not give, and the teacher's self-check."""
     held = metrics.get("held_out", {})
     boot = metrics.get("bootstrap", {})
     level = f"{round(boot.get('confidence', 0.95) * 100)}%"
+    seeds = metrics.get("seeds") or []
     lines = [
-        f"Held-out: {held.get('sequences', '?')} sequences, {held.get('tokens', '?')} tokens "
-        f"({held.get('soft_tokens', '?')} with teacher top-k), never trained on; {level} intervals from "
-        f"{boot.get('samples', '?')} bootstrap resamples of sequences."
+        f"Held-out: {held.get('documents', '?')} documents from {held.get('clusters', '?')} source files, "
+        f"{held.get('tokens', '?')} tokens ({held.get('soft_tokens', '?')} with teacher top-k), never trained "
+        "on; every token scored with its document's context up to each model's context length (no cut at "
+        "a row boundary).",
+        f"Intervals: {level}, {boot.get('samples', '?')} bootstrap replicates; {boot.get('method', '')} "
+        f"Training seeds: {seeds or 'one'}.",
     ]
+    for key in metrics_data_keys():
+        entry = held.get(key)
+        if entry:
+            lines.append(f"{DATA_LABELS[key]}: {_cell(entry)}.")
+    full = metrics.get("full_vocab", {})
+    if full and not full.get("available"):
+        lines.append(f"Not given: KL(teacher‖student) over the full vocabulary: {full.get('reason')}.")
     for name, diff in metrics.get("differences", {}).items():
         for key in HEADLINE:
-            label, better = METRIC_LABELS[key]
-            lines.append(f"{label}: {_verdict(name, diff[key], better, level)}.")
+            if key in diff:
+                label, better = METRIC_LABELS[key]
+                lines.append(f"{label}: {_verdict(name, diff[key], better, level)}.")
     for name in metrics["models"]:
         entry = metrics[name]
         if entry.get("role") == "teacher":
             kl, agree = entry["kl_teacher_student"]["value"], entry["top1_agreement"]["value"]
+            own = (entry.get("full_kl_teacher_student") or {}).get("value")
             lines.append(
-                f"Check: the teacher checkpoint '{name}' against the stored top-k: KL = {_fmt(kl)}, top-1 "
-                f"agreement = {_fmt(agree)} (about 0 and 1 when the held-out top-k came from this checkpoint)."
+                f"Check: the teacher '{name}' against its own stored top-k on the held-out documents: KL over "
+                f"top-k + tail bins = {_fmt(kl)} (the storage floor: rounding of the stored log-probabilities, "
+                f"no context cut), top-1 agreement = {_fmt(agree)}"
+                + (f"; its full-vocabulary KL to itself = {_fmt(own)}." if own is not None else ".")
             )
     return lines
+
+
+DATA_LABELS = {
+    "teacher_topk_mass_mean": "Teacher top-k mass W, mean over held-out positions",
+    "actual_in_teacher_topk_rate": "Actual next token within the teacher's top-k",
+}
+
+
+def metrics_data_keys() -> tuple[str, ...]:
+    return tuple(DATA_LABELS)
 
 
 def _stats_rows(data_stats: Mapping[str, Any] | None) -> list[tuple[str, str]]:
@@ -305,6 +367,13 @@ def _code_block(text: str) -> str:
     return f"{fence}\n{text}\n{fence}"
 
 
+NOTE = (
+    "Cells: mean over training seeds [bootstrap interval over source files and seeds], then the standard "
+    "deviation across seeds (sd) when there are several. Differences are paired: the same files and seeds for "
+    "both models."
+)
+
+
 def render_markdown(
     title: str,
     metrics: Mapping[str, Any],
@@ -315,7 +384,10 @@ def render_markdown(
     out = [f"# {title}", "", "## Result", ""]
     out += [f"- {line}" for line in result_lines(metrics)]
     out += ["", "## Held-out metrics", "", _md_table(*metric_table(metrics)), ""]
-    out += ["Cells: value [bootstrap interval]. Differences resample the same sequences for both models.", ""]
+    out += [NOTE, ""]
+    header, rows = breakdown_table(metrics)
+    if rows:
+        out += ["## By teacher confidence", "", _md_table(header, rows), ""]
     if plot_ref:
         out += ["## Training curves", "", f"![training curves]({plot_ref})", ""]
     stats = _stats_rows(data_stats)
@@ -371,9 +443,11 @@ def render_html(
         *(f"<li>{_bold(line)}</li>" for line in result_lines(metrics)),
         "</ul><h2>Held-out metrics</h2>",
         _html_table(*metric_table(metrics), table_id="metrics"),
-        '<p class="note">Cells: value [bootstrap interval]. Differences resample the same sequences for both '
-        "models.</p>",
+        f'<p class="note">{html.escape(NOTE)}</p>',
     ]
+    header, rows = breakdown_table(metrics)
+    if rows:
+        parts += ["<h2>By teacher confidence</h2>", _html_table(header, rows, table_id="breakdown")]
     if plot_png:
         parts += [
             "<h2>Training curves</h2>",
@@ -509,7 +583,7 @@ def append_eval_results(catalog: Path | Any, run_id: str, metrics: Mapping[str, 
             metrics[model][key]["ci_low"],
             metrics[model][key]["ci_high"],
             held.get("tokens"),
-            held.get("sequences"),
+            held.get("documents"),
             held.get("snapshot_hash"),
         )
         for model in metrics["models"]

@@ -50,6 +50,26 @@ class LocalExecutor:
         return [self.run(spec) for spec in specs]
 
 
+def _check_local_teacher(config: DistillConfig) -> None:
+    model = config.local_teacher.model
+    if model in ("bootstrap", *stages.BUNDLED_TEACHERS):
+        if model == "bootstrap" and config.tokenizer.source == "teacher":
+            raise ConfigError(
+                "tokenizer.source: 'teacher' cannot be used with local_teacher.model = 'bootstrap' (the bootstrap "
+                "teacher is trained on the student tokenizer); use source = 'train'"
+            )
+        return
+    path = Path(model)
+    if model.endswith(".gguf"):
+        if not path.is_file():
+            raise ConfigError(f"local_teacher.model: GGUF file {path} not found")
+    elif not (path / "config.json").is_file() and not path.is_dir():
+        raise ConfigError(
+            f"local_teacher.model: {path} not found; expected 'smollm2', 'bootstrap', a .gguf file, a Hugging "
+            "Face Llama directory (with config.json) or a student.train checkpoint directory"
+        )
+
+
 def preflight(config: DistillConfig) -> None:
     """Everything that can be checked before any work starts; raises ConfigError naming the key."""
     teacher = config.teacher
@@ -66,11 +86,8 @@ def preflight(config: DistillConfig) -> None:
             resolve_api_key(teacher, required=False)
         except SecretError as exc:
             raise ConfigError(f"teacher.api_key_secret_block: {exc}") from None
-    elif config.bootstrap.checkpoint is not None and not Path(config.bootstrap.checkpoint).is_dir():
-        raise ConfigError(
-            f"bootstrap.checkpoint: teacher checkpoint {config.bootstrap.checkpoint} not found "
-            "(remove the key to train the embedded teacher, or point it at a student.train checkpoint)"
-        )
+    else:
+        _check_local_teacher(config)
     if config.corpus.source == "files":
         if not config.corpus.paths:
             raise ConfigError("corpus.paths: source = 'files' needs at least one input file")
@@ -81,7 +98,7 @@ def preflight(config: DistillConfig) -> None:
         raise ConfigError(f"tokenizer.path: {config.tokenizer.path} not found")
     if not config.students:
         raise ConfigError("students: at least one student is needed (e.g. [students.soft] kind = 'soft')")
-    if teacher.base_url == "local":
+    if stages.uses_bootstrap_teacher(config):
         heads, tp = config.bootstrap.model.num_attention_heads, config.train.tensor_parallel
         if heads % tp:
             raise ConfigError(
@@ -100,23 +117,34 @@ def preflight(config: DistillConfig) -> None:
             )
 
 
+def teacher_stages(
+    ctx: stages.Context, executor: Executor, corpus: StageResult
+) -> tuple[StageResult, StageResult | None]:
+    """(tokenizer, local teacher) results: a GGUF teacher is converted before the tokenizer (which may be the
+    teacher's own), the bootstrap teacher is trained after it (on its tokens); other teachers have no stage."""
+    config = ctx.config
+    converted = executor.run(stages.teacher_model(ctx)) if stages.local_teacher_gguf(config) else None
+    tokenizer = executor.run(stages.tokenizer(ctx, corpus, converted))
+    if stages.uses_bootstrap_teacher(config):
+        return tokenizer, executor.run(stages.bootstrap_teacher(ctx, corpus, tokenizer))
+    return tokenizer, converted
+
+
 def execute(ctx: stages.Context, executor: Executor) -> StageResult:
     """The whole DAG; returns the report stage's result."""
     config = ctx.config
     corpus = executor.run(stages.prepare_corpus(ctx))
-    tokenizer = executor.run(stages.tokenizer(ctx, corpus))
-    teacher = (
-        executor.run(stages.bootstrap_teacher(ctx, corpus, tokenizer))
-        if stages.uses_bootstrap_teacher(config)
-        else None
-    )
+    tokenizer, teacher = teacher_stages(ctx, executor, corpus)
     collected = executor.run(stages.collect(ctx, corpus, teacher))
     snapshot = executor.run(stages.snapshot(ctx, collected))
+    runs = [(name, seed) for seed in config.evaluate.seeds for name in config.students]
     trained = executor.run_parallel(
-        [stages.train(ctx, name, snapshot, tokenizer) for name in config.students]
+        [stages.train(ctx, name, snapshot, tokenizer, seed) for name, seed in runs]
     )
-    students = dict(zip(config.students, trained, strict=True))
-    evaluated = executor.run(stages.evaluate(ctx, students, snapshot, tokenizer, teacher))
+    students: stages.Trained = {name: [] for name in config.students}
+    for (name, seed), result in zip(runs, trained, strict=True):
+        students[name].append((seed, result))
+    evaluated = executor.run(stages.evaluate(ctx, students, snapshot, tokenizer, teacher, corpus, collected))
     return executor.run(stages.report(ctx, collected, snapshot, students, evaluated))
 
 

@@ -8,6 +8,8 @@ version of the packages it runs (``pipeline.cache.stage_key``). The DAG (``pipel
           └───────────────┼────────────────┴── collect ── snapshot ──┬── train_soft ──┬── evaluate ── report
                           └──────────────────────────────────────────┴── train_hard ──┘
 
+(one ``train_<student>`` per ``[evaluate] seeds`` entry: ``train_<student>_s<seed>`` after the first seed).
+
 ``prepare_corpus`` writes two files: ``samples.jsonl`` (what the teacher is asked about: the corpus section's
 source) and ``base.jsonl`` (standard-library text the tokenizer and the bootstrap teacher learn from). Keys hash
 them separately, so adding prompts to a prompt file re-runs collect for the new prompts only and never retrains
@@ -57,9 +59,24 @@ class Context:
             self.progress(what, percent)
 
 
+BUNDLED_TEACHERS = ("smollm2",)
+
+
 def uses_bootstrap_teacher(config: DistillConfig) -> bool:
-    """The embedded default: a local teacher trained here (no checkpoint given)."""
-    return config.teacher.base_url == "local" and config.bootstrap.checkpoint is None
+    """The test suite's teacher: a tiny local teacher trained here (``local_teacher.model = 'bootstrap'``)."""
+    return config.teacher.base_url == "local" and config.local_teacher.model == "bootstrap"
+
+
+def local_teacher_gguf(config: DistillConfig) -> Path | None:
+    """The GGUF file the local teacher is converted from (the bundled SmolLM2 or a path), else None."""
+    model = config.local_teacher.model
+    if config.teacher.base_url != "local":
+        return None
+    if model == "smollm2":
+        from student.gguf_import import bundled_smollm2_gguf
+
+        return bundled_smollm2_gguf()
+    return Path(model) if model.endswith(".gguf") else None
 
 
 # ---------------------------------------------------------------------------------------------- corpus
@@ -93,29 +110,58 @@ def prepare_corpus(ctx: Context) -> StageSpec:
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 
-def tokenizer(ctx: Context, corpus_result: StageResult) -> StageSpec:
+def tokenizer(
+    ctx: Context, corpus_result: StageResult, teacher_result: StageResult | None = None
+) -> StageSpec:
+    """The student's tokenizer: trained on the corpus, a given file, or the local teacher's own."""
     settings = ctx.config.tokenizer
+    source = None
+    if settings.source == "teacher":
+        teacher_dir = teacher_checkpoint(ctx.config, teacher_result)
+        if teacher_dir is None:
+            raise ValueError(
+                "tokenizer.source = 'teacher' needs a local teacher (teacher.base_url = 'local')"
+            )
+        source = teacher_dir / "tokenizer.json"
+    elif settings.path is not None:
+        source = Path(settings.path)
 
     def build(out: Path, resume: bool) -> dict[str, Any]:
         from pipeline.corpus import read_items
         from student.tokenizer import StudentTokenizer
 
-        if settings.path is not None:
-            tok = StudentTokenizer.load(settings.path)
+        if source is not None:
+            tok = StudentTokenizer.load(source)
         else:
             texts = [item.prompt_text() for item in read_items(corpus_result.file("base.jsonl"), ["train"])]
             tok = StudentTokenizer.train(texts, settings.vocab_size)
         tok.save(out / "tokenizer.json")
-        ctx.log(f"tokenizer: vocabulary of {tok.vocab_size}")
-        return {"vocab_size": tok.vocab_size}
+        ctx.log(f"tokenizer: vocabulary of {tok.vocab_size} ({settings.source})")
+        return {"vocab_size": tok.vocab_size, "source": settings.source}
 
     inputs = (
-        {"file": hash_file(settings.path)}
-        if settings.path is not None
-        else {"base": corpus_result.hash_of("base.jsonl")}
+        {"file": hash_file(source)} if source is not None else {"base": corpus_result.hash_of("base.jsonl")}
     )
     key = stage_key("tokenizer", settings, inputs, ["student.tokenizer"])
     return StageSpec("tokenizer", key, build)
+
+
+def teacher_model(ctx: Context) -> StageSpec:
+    """The local teacher's GGUF file dequantized into a Hugging Face Llama directory, once per file content."""
+    gguf = local_teacher_gguf(ctx.config)
+    if gguf is None:
+        raise ValueError("teacher_model: the local teacher is not a GGUF file")
+
+    def build(out: Path, resume: bool) -> dict[str, Any]:
+        from student.gguf_import import convert_gguf
+
+        ctx.log(f"teacher_model: converting {gguf}")
+        convert_gguf(gguf, out / "model")
+        config = json.loads((out / "model" / "config.json").read_text(encoding="utf-8"))
+        return {"checkpoint": "model", "source": str(gguf), "vocab_size": config["vocab_size"]}
+
+    key = stage_key("teacher_model", {}, {"gguf": hash_file(gguf)}, ["student.gguf_import"])
+    return StageSpec("teacher_model", key, build)
 
 
 # ---------------------------------------------------------------------------------------------- training helpers
@@ -227,13 +273,14 @@ class CollectError(RuntimeError):
 
 
 def teacher_checkpoint(config: DistillConfig, teacher_result: StageResult | None) -> Path | None:
-    """The checkpoint the local teacher server serves (None for a remote teacher)."""
+    """What the local teacher server serves (None for a remote teacher): the bootstrap teacher's or the converted
+    GGUF's stage output, else the configured Hugging Face directory or project checkpoint."""
     if config.teacher.base_url != "local":
         return None
-    if config.bootstrap.checkpoint is not None:
-        return Path(config.bootstrap.checkpoint)
+    if not uses_bootstrap_teacher(config) and local_teacher_gguf(config) is None:
+        return Path(config.local_teacher.model)
     if teacher_result is None:
-        raise ValueError("the bootstrap teacher stage must run before collect")
+        raise ValueError("the teacher stage (bootstrap_teacher or teacher_model) must run before this one")
     return Path(teacher_result.path) / teacher_result.info["checkpoint"]
 
 
@@ -245,9 +292,7 @@ def teacher_identity(config: DistillConfig, teacher_result: StageResult | None) 
     checkpoint = teacher_checkpoint(config, teacher_result)
     if checkpoint is None:
         return config.teacher.model
-    weights = (
-        teacher_result.hash_of() if config.bootstrap.checkpoint is None else hash_value(hash_tree(checkpoint))
-    )
+    weights = teacher_result.hash_of() if teacher_result is not None else hash_value(hash_tree(checkpoint))
     return f"{config.teacher.model}-{weights[:10]}"
 
 
@@ -435,18 +480,30 @@ def snapshot(ctx: Context, collect_result: StageResult) -> StageSpec:
 # ---------------------------------------------------------------------------------------------- train
 
 
-def train(ctx: Context, student: str, snapshot_result: StageResult, tok_result: StageResult) -> StageSpec:
-    """One student (``[students.<name>]``): torchrun at TP x DP over the train snapshot, validated on val."""
+def train_stage_name(student: str, seed: int, seeds: list[int]) -> str:
+    """``train_<student>`` for the first seed of ``[evaluate] seeds`` (so a one-seed run keeps its cache),
+    ``train_<student>_s<seed>`` for the others."""
+    return f"train_{student}" if seed == seeds[0] else f"train_{student}_s{seed}"
+
+
+def train(
+    ctx: Context, student: str, snapshot_result: StageResult, tok_result: StageResult, seed: int | None = None
+) -> StageSpec:
+    """One student (``[students.<name>]``) trained with one seed (default: the first of ``[evaluate] seeds``):
+    torchrun at TP x DP over the train snapshot, validated on val."""
     config = ctx.config
     loss = config.students[student]
-    name = f"train_{student}"
+    seeds = config.evaluate.seeds
+    seed = seeds[0] if seed is None else seed
+    name = train_stage_name(student, seed, seeds)
+    train_settings = config.train.model_copy(update={"seed": seed})
 
     def build(out: Path, resume: bool) -> dict[str, Any]:
         val = snapshot_result.file("val.json")
         has_val = json.loads(val.read_text(encoding="utf-8"))["samples"] > 0
         spec = _train_spec(
             config.model,
-            config.train,
+            train_settings,
             loss,
             tok_result.file("tokenizer.json"),
             snapshot_result.file("train.json"),
@@ -458,11 +515,17 @@ def train(ctx: Context, student: str, snapshot_result: StageResult, tok_result: 
         nproc = config.train.tensor_parallel * config.train.data_parallel
         _torchrun(ctx, nproc, TRAIN_MODULE, spec_path, name)
         summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
-        return {"checkpoint": _final_checkpoint(out), "train_log": "metrics.jsonl", "summary": summary}
+        return {
+            "checkpoint": _final_checkpoint(out),
+            "train_log": "metrics.jsonl",
+            "summary": summary,
+            "student": student,
+            "seed": seed,
+        }
 
     key = stage_key(
         name,
-        {"model": config.model, "train": config.train, "loss": loss},
+        {"model": config.model, "train": train_settings, "loss": loss},
         {
             "train": snapshot_result.hash_of("train.json"),
             "val": snapshot_result.hash_of("val.json", "test.json"),
@@ -476,25 +539,50 @@ def train(ctx: Context, student: str, snapshot_result: StageResult, tok_result: 
 # ---------------------------------------------------------------------------------------------- evaluate, report
 
 
+Trained = dict[str, list[tuple[int, StageResult]]]
+"""Student name -> (seed, training stage result) per seed, in ``[evaluate] seeds`` order."""
+
+
+def _clusters(corpus_result: StageResult, collect_result: StageResult, out: Path) -> Path:
+    """``clusters.json``: sample id -> source file (the corpus item's source id before '#'), the bootstrap's
+    resampling unit; an item without a source id is its own cluster (left out)."""
+    from pipeline.corpus import read_items
+    from storage.records import sample_id
+
+    chosen = json.loads(collect_result.file("selection.json").read_text(encoding="utf-8"))
+    mapping = {
+        sample_id(item.prompt_text(), chosen["teacher"], chosen["params"]): item.source_id.split("#")[0]
+        for item in read_items(corpus_result.file("samples.jsonl"), ["test"])
+        if item.source_id
+    }
+    return _write_json(out / "clusters.json", mapping)
+
+
 def evaluate(
     ctx: Context,
-    students: dict[str, StageResult],
+    students: Trained,
     snapshot_result: StageResult,
     tok_result: StageResult,
     teacher_result: StageResult | None,
+    corpus_result: StageResult,
+    collect_result: StageResult,
 ) -> StageSpec:
-    """Held-out metrics of every student (and the local teacher) on the test snapshot, at the training TP."""
+    """Held-out metrics of every student and seed (and the local teacher) on the test snapshot, at the training
+    TP; documents clustered by source file."""
     config = ctx.config
     teacher_ckpt = teacher_checkpoint(config, teacher_result)
 
     def build(out: Path, resume: bool) -> dict[str, Any]:
         models = {
-            name: {
+            f"{name}_s{seed}": {
                 "checkpoint": str(r.file(r.info["checkpoint"])),
                 "role": "student",
                 "train_log": str(r.file(r.info["train_log"])),
+                "group": name,
+                "seed": seed,
             }
-            for name, r in students.items()
+            for name, runs in students.items()
+            for seed, r in runs
         }
         if teacher_ckpt is not None:
             log = (
@@ -512,17 +600,19 @@ def evaluate(
             "models": models,
             "out": str(out / "metrics.json"),
             "tensor_parallel": config.train.tensor_parallel,
-            "seq_length": config.model.seq_length,
             "seed": config.run.seed,
+            "clusters": str(_clusters(corpus_result, collect_result, out)),
         }
         spec_path = _write_json(out / "evaluate_spec.json", spec)
         _torchrun(ctx, config.train.tensor_parallel, EVALUATE_MODULE, spec_path, "evaluate")
         return {"metrics": "metrics.json"}
 
-    inputs = {name: r.hash_of() for name, r in students.items()}
+    inputs = {f"{name}_s{seed}": r.hash_of() for name, runs in students.items() for seed, r in runs}
     inputs |= {
         "test": snapshot_result.hash_of("test.json"),
         "tokenizer": tok_result.hash_of("tokenizer.json"),
+        "samples": corpus_result.hash_of("samples.jsonl"),
+        "selection": collect_result.hash_of("selection.json"),
     }
     if teacher_result is not None:
         inputs["teacher"] = teacher_result.hash_of()
@@ -560,10 +650,11 @@ def report(
     ctx: Context,
     collect_result: StageResult,
     snapshot_result: StageResult,
-    students: dict[str, StageResult],
+    students: Trained,
     evaluate_result: StageResult,
 ) -> StageSpec:
-    """The report (HTML + Markdown + loss curves, and a Markdown with the plot inline for Prefect)."""
+    """The report (HTML + Markdown + loss curves of each student's first seed, and a Markdown with the plot
+    inline for Prefect)."""
     config = ctx.config
 
     def build(out: Path, resume: bool) -> dict[str, Any]:
@@ -574,7 +665,7 @@ def report(
 
         shutil.copy2(evaluate_result.file("metrics.json"), out / "metrics.json")
         stats = _data_stats(collect_result, snapshot_result, Path(config.storage.data_dir))
-        curves = {name: r.file(r.info["train_log"]) for name, r in students.items()}
+        curves = {name: runs[0][1].file(runs[0][1].info["train_log"]) for name, runs in students.items()}
         paths = build_report(out, config, stats, curves, title=f"Distillation report: {config.run.name}")
         (out / "report_artifact.md").write_text(
             artifact_markdown(out, config, stats, curves, title=f"Distillation report: {config.run.name}"),
@@ -590,7 +681,11 @@ def report(
         {
             "metrics": evaluate_result.hash_of("metrics.json"),
             "selection": collect_result.hash_of("selection.json"),
-            **{name: r.hash_of("metrics.jsonl") for name, r in students.items()},
+            **{
+                f"{name}_s{seed}": r.hash_of("metrics.jsonl")
+                for name, runs in students.items()
+                for seed, r in runs
+            },
         },
         ["pipeline.report"],
     )

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from storage.records import TopKRecord
 from storage.schema import ShardError
 from storage.shards import (
     SHARD_SUFFIX,
@@ -30,6 +31,7 @@ from storage.shards import (
     index_rows,
     open_shard,
     read_shard_table,
+    remove_stale_temp_files,
     shard_dir,
 )
 
@@ -94,24 +96,45 @@ class CatalogStats:
         return "\n".join(lines)
 
 
+def record_shape(record: TopKRecord) -> tuple:
+    """What the catalog knows of a record's content, to tell a re-import of the same data from new data."""
+    n_soft = int((record.topk_ids >= 0).any(axis=1).sum()) if record.topk_ids.size else 0
+    return (
+        record.teacher, params_key(record.params), len(record.tokens), n_soft, record.prompt_tokens, record.completion_tokens, record.finish_reason,
+    )  # fmt: skip
+
+
 def params_key(params: dict[str, Any]) -> str:
     """How request parameters are stored (and matched): canonical JSON, as in the shards."""
     return json.dumps(params, sort_keys=True)
 
 
-class Catalog:
-    """Open (creating if needed) the catalog of ``data_dir``; ``sync`` registers shards written by others."""
+class CatalogLocked(ShardError):
+    """Another process (a running collection) holds the DuckDB catalog's lock."""
 
-    def __init__(self, data_dir: str | Path, sync: bool = True, read_only: bool = False) -> None:
+
+class Catalog:
+    """Open (creating if needed) the catalog of ``data_dir``; ``sync`` registers shards written by others.
+
+    ``in_memory``: an index built from the shard files in memory, touching nothing on disk (stats while another
+    process holds the catalog's lock)."""
+
+    def __init__(
+        self, data_dir: str | Path, sync: bool = True, read_only: bool = False, in_memory: bool = False
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.path = self.data_dir / CATALOG_FILE
+        self.in_memory = in_memory
+        self.removed_temp: list[tuple[Path, str]] = []  # stale .tmp shards the last sync/reindex removed
         if read_only and not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no catalog (run `distill data reindex` to build one)")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not in_memory:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self.con = duckdb.connect(str(self.path), read_only=read_only)
+            self.con = duckdb.connect(":memory:" if in_memory else str(self.path), read_only=read_only)
         except duckdb.Error as exc:
-            raise ShardError(f"{self.path}: cannot open the DuckDB catalog: {exc}") from None
+            kind = CatalogLocked if "lock" in str(exc).lower() else ShardError
+            raise kind(f"{self.path}: cannot open the DuckDB catalog: {exc}") from None
         if not read_only:
             self.con.execute(_DDL)
             if sync:
@@ -144,6 +167,11 @@ class Catalog:
                 [info.name],
             )
             self.con.unregister("_new_rows")
+            # a request that failed before and is stored now is no longer a failure
+            self.con.execute(
+                "DELETE FROM failures WHERE key IN (SELECT sample_id FROM records WHERE shard = ?)",
+                [info.name],
+            )
             self.con.execute("COMMIT")
         except BaseException:
             self.con.execute("ROLLBACK")
@@ -168,7 +196,10 @@ class Catalog:
         return sorted(directory.glob(f"*{SHARD_SUFFIX}")) if directory.is_dir() else []
 
     def sync(self) -> int:
-        """Register complete shard files not yet in the catalog (written by other processes); returns how many."""
+        """Register complete shard files not yet in the catalog (written by other processes); returns how many.
+        Unfinished ``.tmp`` shards whose writer is gone (or older than an hour) are removed."""
+        if not self.in_memory:
+            self.removed_temp = remove_stale_temp_files(self.data_dir)
         known = {name for (name,) in self.con.execute("SELECT name FROM shards").fetchall()}
         new = [p for p in self.shard_files() if p.name not in known]
         for path in new:
@@ -179,6 +210,7 @@ class Catalog:
 
     def reindex(self, progress: bool = False) -> int:
         """Rebuild the shard and record index from the shard files alone; returns the number of shards."""
+        self.removed_temp = remove_stale_temp_files(self.data_dir)
         files = self.shard_files()
         for path in files:  # fail before touching the index, naming the bad file
             open_shard(path)
@@ -191,10 +223,18 @@ class Catalog:
         return len(files)
 
     def record_failures(self, failures: list[tuple[str, str]]) -> None:
-        """Remember requests that failed for good: ``(sample id or prompt hash, reason)``."""
+        """Remember requests that failed for good: ``(sample id or prompt hash, reason)``; one row per key (the
+        latest reason), and none for a key already stored."""
         if failures:
             now = time.time()
-            self.con.executemany("INSERT INTO failures VALUES (?, ?, ?)", [(k, r, now) for k, r in failures])
+            latest = dict(failures)
+            self.con.execute("BEGIN TRANSACTION")
+            self.con.executemany("DELETE FROM failures WHERE key = ?", [(k,) for k in latest])
+            self.con.executemany(
+                "INSERT INTO failures SELECT ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM records WHERE sample_id = ?)",
+                [(k, r, now, k) for k, r in latest.items()],
+            )
+            self.con.execute("COMMIT")
 
     # --- queries -----------------------------------------------------------------------------------------
     def existing_sample_ids(
@@ -224,6 +264,16 @@ class Catalog:
             return set()
         rows = self.con.execute(f"SELECT sample_id FROM unique_records WHERE {' OR '.join(clauses)}", args)
         return {sid for (sid,) in rows.fetchall()}
+
+    def stored_shapes(self) -> dict[str, tuple]:
+        """sample id -> ``record_shape`` of its newest stored copy."""
+        rows = self.con.execute(
+            """SELECT sample_id, teacher, params, n_tokens, n_soft, prompt_tokens, completion_tokens,
+                      finish_reason FROM unique_records"""
+        ).fetchall()
+        return {
+            sid: (t, p, int(n), int(s), int(pt or 0), int(ct or 0), f) for sid, t, p, n, s, pt, ct, f in rows
+        }
 
     def failures(self) -> list[tuple[str, str, float]]:
         return self.con.execute(

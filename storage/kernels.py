@@ -126,3 +126,56 @@ def equal_strings(offsets_a, data_a, index_a, offsets_b, data_b, index_b, out):
             same = data_a[start_a + j] == data_b[start_b + j]
             j += 1
         out[i] = same
+
+
+@njit(cache=True, nogil=True)
+def sample_targets(
+    entry_offsets, topk_ids, topk_logprobs, sample_offsets, sample_ids, sample_counts, out_ids, out_weights
+):
+    """Per position ``p`` (row ``p`` of the ``[P, M]`` outputs): the sparse target ``p_j`` on each top-k entry
+    (entries ``entry_offsets[p]:entry_offsets[p + 1]``) plus ``r · count / S`` on each tail sample (entries
+    ``sample_offsets[p]:sample_offsets[p + 1]``), where ``r = max(0, 1 − Σ_j p_j)`` over every top-k entry and
+    ``S = Σ count`` over every sample. Entries with id -1 (no student id) are left out after ``r`` and ``S``
+    are taken; equal ids are merged by summing (in order of first appearance); the weights are then divided by
+    their sum (float64, cast to float32). The rest of each row is -1 / 0 (all of it where nothing is left)."""
+    weights = np.zeros(out_ids.shape[1], np.float64)
+    for p in range(entry_offsets.shape[0] - 1):
+        mass, draws = 0.0, 0
+        for e in range(entry_offsets[p], entry_offsets[p + 1]):
+            mass += np.exp(np.float64(topk_logprobs[e]))
+        for e in range(sample_offsets[p], sample_offsets[p + 1]):
+            draws += sample_counts[e]
+        rest = max(1.0 - mass, 0.0)
+        n, total = 0, 0.0
+        for pass_ in range(2):
+            first, last = (
+                (entry_offsets[p], entry_offsets[p + 1])
+                if pass_ == 0
+                else (sample_offsets[p], sample_offsets[p + 1])
+            )
+            for e in range(first, last):
+                if pass_ == 0:
+                    token, weight = topk_ids[e], np.exp(np.float64(topk_logprobs[e]))
+                else:
+                    token, weight = sample_ids[e], rest * sample_counts[e] / draws
+                if token < 0:
+                    continue
+                j = 0
+                while j < n and out_ids[p, j] != token:
+                    j += 1
+                if j == n:
+                    if n == out_ids.shape[1]:
+                        raise ValueError("more sample targets at one position than the output width")
+                    out_ids[p, n] = token
+                    weights[n] = 0.0
+                    n += 1
+                weights[j] += weight
+                total += weight
+        if total <= 0:
+            n = 0
+        for j in range(out_ids.shape[1]):
+            if j >= n:
+                out_ids[p, j] = -1
+                out_weights[p, j] = 0.0
+            else:
+                out_weights[p, j] = np.float32(weights[j] / total)

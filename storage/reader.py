@@ -34,11 +34,14 @@ import pyarrow.parquet as pq
 import torch
 
 from storage.codec import concat_ranges, segment_ids, segment_starts
-from storage.kernels import equal_strings, fill_rows, gather_rows, lookup, pack_rows
+from storage.kernels import equal_strings, fill_rows, gather_rows, lookup, pack_rows, sample_targets
 from storage.records import TokenMap
 from storage.schema import (
     META_HAS_LOGITS,
+    META_HAS_TOKEN_LOGPROB,
     META_MAX_K,
+    META_MAX_SAMPLES,
+    SAMPLE_COLUMNS,
     TOKEN_COLUMNS,
     TOPK_COLUMNS,
     ShardArrays,
@@ -154,11 +157,41 @@ class Coverage:
 
 @dataclass
 class _Table:
-    """A dense top-k table: row ``r`` holds one token's K teacher entries (-1 / -inf padding), in student ids."""
+    """A dense top-k table: row ``r`` holds one token's K teacher entries (-1 / -inf padding), in student ids,
+    and, when the reader wants them, its sampled target (M entries) and the actual token's teacher logprob."""
 
     ids: np.ndarray  # int32 or int64 [R, K]
     logprobs: np.ndarray  # float32 [R, K]
     logits: np.ndarray | None = None  # float32 [R, K]
+    sample_ids: np.ndarray | None = None  # int32 or int64 [R, M], -1 pad
+    sample_weights: np.ndarray | None = None  # float32 [R, M]
+    actual_logprob: np.ndarray | None = None  # float32 [R, 1], NaN: unknown
+
+
+# the optional per-label tables: (fill value where a label has none, dtype)
+_EXTRAS = {
+    "sample_ids": (-1, np.int64),
+    "sample_weights": (0.0, np.float32),
+    "actual_logprob": (np.nan, np.float32),
+}
+
+
+def _gather_extras(tables: list[_Table], rows: np.ndarray, widths: dict[str, int]) -> dict[str, np.ndarray]:
+    """Like ``_gather`` for the optional tables named in ``widths`` (name -> width): ``rows.shape + (width,)``
+    arrays, the fill value of ``_EXTRAS`` on rows without targets and on tables without that extra."""
+    flat = rows.reshape(-1)
+    out = {}
+    for name, width in widths.items():
+        fill, dtype = _EXTRAS[name]
+        values = np.full((len(flat), width), fill, dtype)
+        first = 0
+        for table in tables:
+            part = getattr(table, name)
+            if part is not None:
+                gather_rows(part, first, flat, values)
+            first += len(table.ids)
+        out[name] = values.reshape(*rows.shape, width)
+    return out
 
 
 def _gather(tables: list[_Table], rows: np.ndarray, k: int, with_logits: bool):
@@ -200,11 +233,13 @@ class _Docs:
         index = concat_ranges(self.doc_offsets[:-1][order], lengths)
         return _Docs(segment_starts(lengths), self.tokens[index], self.row[index], self.tables)
 
-    def tail(self, start: int, k: int, with_logits: bool) -> _Docs:
+    def tail(self, start: int, k: int, with_logits: bool, extras: dict[str, int]) -> _Docs:
         """Tokens from ``start`` on, as one document, with their table rows copied into one compact table."""
         rows = self.row[start:]
         present = rows >= 0
         table = _Table(*_gather(self.tables, rows[present], k, with_logits))
+        for name, values in _gather_extras(self.tables, rows[present], extras).items():
+            setattr(table, name, values)
         return _Docs(
             np.array([0, len(rows)]),
             self.tokens[start:],
@@ -281,6 +316,27 @@ def _dense_topk(shard: ShardArrays, single: np.ndarray, top_k: int, coverage: Co
     return ids, logprobs, logits
 
 
+def _sampled_targets(shard: ShardArrays, single: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per position, the unbiased sparse estimate of the teacher's distribution in student ids (``[P, width]``
+    ids and weights; see ``storage.kernels.sample_targets``): every stored top-k entry (not truncated to the
+    reader's ``top_k``, whose dropped entries would otherwise lose their mass) plus the residual mass spread
+    over the tail samples. Candidates without a single student id are left out and the rest renormalised."""
+    positions = max(len(shard.tokens), 1)
+    ids = np.full((positions, width), -1, np.int32)
+    weights = np.zeros((positions, width), np.float32)
+    if shard.sample_offsets is None:
+        return ids, weights
+    mapped_topk = np.empty(len(shard.topk_ids), np.int32)
+    lookup(single, shard.topk_ids, mapped_topk)
+    mapped_samples = np.empty(len(shard.sample_ids), np.int32)
+    lookup(single, shard.sample_ids, mapped_samples)
+    sample_targets(
+        shard.entry_offsets, mapped_topk, shard.topk_logprobs, shard.sample_offsets, mapped_samples,
+        shard.sample_counts, ids, weights,
+    )  # fmt: skip
+    return ids, weights
+
+
 def shard_to_docs(
     shard: ShardArrays,
     token_map: TokenMap,
@@ -288,8 +344,11 @@ def shard_to_docs(
     top_k: int,
     coverage: Coverage,
     source: str,
+    sample_width: int | None = None,
+    with_actual: bool = False,
 ) -> _Docs:
-    """Map one decoded shard to student-vocabulary documents (one per row)."""
+    """Map one decoded shard to student-vocabulary documents (one per row); ``sample_width`` (M) adds the
+    sampled targets, ``with_actual`` the actual tokens' teacher logprobs."""
     if len(token_map.single) != len(shard.vocab_table):
         raise ValueError(
             f"{source}: map_vocab returned {len(token_map.single)} ids for {len(shard.vocab_table)} tokens"
@@ -297,6 +356,15 @@ def shard_to_docs(
     single = np.asarray(token_map.single, dtype=np.int64)
     ids, logprobs, logits = _dense_topk(shard, single.astype(np.int32), top_k, coverage)
     row = np.arange(len(shard.tokens), dtype=np.int64)  # position p -> table row p
+    table = _Table(ids, logprobs, logits)
+    if sample_width is not None:
+        table.sample_ids, table.sample_weights = _sampled_targets(
+            shard, single.astype(np.int32), sample_width
+        )
+    if with_actual:
+        table.actual_logprob = np.full((max(len(shard.tokens), 1), 1), np.nan, np.float32)
+        if shard.token_logprobs is not None:
+            table.actual_logprob[: len(shard.tokens), 0] = shard.token_logprobs
 
     # actual tokens: spell in student ids; the top-k stays on the first piece
     tokens = single[shard.tokens]
@@ -310,6 +378,8 @@ def shard_to_docs(
         spell_offsets, spell_values = _spelling_table(token_map)
         pieces = np.diff(spell_offsets)[shard.tokens]
         coverage.expanded_tokens += int((pieces > 1).sum())
+        if table.actual_logprob is not None:  # the label is the first piece, not the teacher's whole token
+            table.actual_logprob[: len(pieces), 0][pieces > 1] = np.nan
         tokens = spell_values[concat_ranges(spell_offsets[:-1][shard.tokens], pieces)]
         first = segment_starts(pieces)
         spread = np.full(len(tokens), -1, dtype=np.int64)  # later pieces: no targets
@@ -335,7 +405,7 @@ def shard_to_docs(
         tokens, row = merged
     else:
         doc_offsets = row_offsets - row_offsets[0]
-    return _Docs(doc_offsets, tokens, row, [_Table(ids, logprobs, logits)])
+    return _Docs(doc_offsets, tokens, row, [table])
 
 
 @dataclass
@@ -363,7 +433,9 @@ class PackedReader:
 
     ``epochs=None`` repeats forever. ``top_k`` fixes K (default: the largest k of the snapshot's shards).
     Yields dicts of tensors: tokens, labels, loss_mask, soft_mask, topk_ids, topk_logprobs, position_ids,
-    doc_ids (+ topk_logits when any shard holds raw logits).
+    doc_ids (+ topk_logits when any shard holds raw logits; + sample_ids / sample_weights [B, S, M] when any
+    shard holds tail samples, M = largest stored k + most distinct samples at a position; + actual_logprob
+    [B, S] when any shard holds the actual tokens' logprobs).
     """
 
     snapshot: Snapshot | str | Path
@@ -388,16 +460,29 @@ class PackedReader:
             raise ValueError(f"dp_rank {self.dp_rank} outside [0, {self.dp_size})")
         if self.seq_len < 1 or self.micro_batch_size < 1 or self.shuffle_window < 1:
             raise ValueError("seq_len, micro_batch_size and shuffle_window must be positive")
-        max_k, self.with_logits = 0, False
+        max_k, max_samples, self.with_logits, self.with_actual = 0, None, False, False
         for shard in self.snapshot.shards:
             shard.check()
             metadata = pq.read_schema(shard.path).metadata or {}
             max_k = max(max_k, int(metadata.get(META_MAX_K, b"0")))
             self.with_logits |= metadata.get(META_HAS_LOGITS) == b"1"
+            self.with_actual |= metadata.get(META_HAS_TOKEN_LOGPROB) == b"1"
+            if META_MAX_SAMPLES in metadata:
+                max_samples = max(max_samples or 0, int(metadata[META_MAX_SAMPLES]))
         self.k = max(1, self.top_k if self.top_k is not None else max_k)
+        self.sample_width = None if max_samples is None else max(1, max_k + max_samples)
         self._columns = ["mode", "prompt", *TOKEN_COLUMNS, *TOPK_COLUMNS]
         if self.with_logits:
             self._columns.append("topk_logits")
+        if self.sample_width is not None:
+            self._columns += SAMPLE_COLUMNS
+        if self.with_actual:
+            self._columns.append("token_logprob")
+        self._extras = {}
+        if self.sample_width is not None:
+            self._extras.update(sample_ids=self.sample_width, sample_weights=self.sample_width)
+        if self.with_actual:
+            self._extras["actual_logprob"] = 1
         self._state = ReaderState()
         self._spellings = _StudentSpellings(self.map_vocab)
 
@@ -442,7 +527,10 @@ class PackedReader:
         shard = self.snapshot.shards[shard_index]
         arrays = read_shard_arrays(shard.path, shard.rows, columns=self._columns)
         token_map = self._spellings.token_map(arrays.vocab_table, arrays.vocab_ids, str(shard.path))
-        return shard_to_docs(arrays, token_map, self.encode, self.k, self.coverage, str(shard.path))
+        return shard_to_docs(
+            arrays, token_map, self.encode, self.k, self.coverage, str(shard.path), self.sample_width,
+            self.with_actual,
+        )  # fmt: skip
 
     def _epoch(self, epoch: int, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -497,7 +585,8 @@ class PackedReader:
         return _Stream(docs, np.concatenate([carry.doc_of_token, np.full(n, -1, np.int64)]))
 
     def _slice(self, stream: _Stream, start: int) -> _Stream:
-        return _Stream(stream.docs.tail(start, self.k, self.with_logits), stream.doc_of_token[start:])
+        docs = stream.docs.tail(start, self.k, self.with_logits, self._extras)
+        return _Stream(docs, stream.doc_of_token[start:])
 
     def _materialize(self, stream: _Stream, starts: list[int]) -> dict[str, np.ndarray]:
         """Rows starting at ``starts`` of the stream as numpy arrays [R, S(, K)]."""
@@ -515,6 +604,9 @@ class PackedReader:
         out["soft_mask"] = out["topk_ids"][..., 0] >= 0
         if self.with_logits:
             out["topk_logits"] = logits
+        out.update(_gather_extras(d.tables, rows, self._extras))
+        if "actual_logprob" in out:
+            out["actual_logprob"] = out["actual_logprob"][..., 0]
         return out
 
     def _batch(self, stream: _Stream | None, pending: list) -> dict[str, torch.Tensor]:
@@ -549,6 +641,9 @@ class PackedReader:
         }
         if self.with_logits:
             out["topk_logits"] = np.full((n, S, K), np.nan, np.float32)
+        for name, width in self._extras.items():
+            fill, dtype = _EXTRAS[name]
+            out[name] = np.full((n, S, width) if name != "actual_logprob" else (n, S), fill, dtype)
         return out
 
 
@@ -562,4 +657,5 @@ _DTYPES = {
     "position_ids": np.int64,
     "doc_ids": np.int64,
     "topk_logits": np.float32,
+    **{name: dtype for name, (_, dtype) in _EXTRAS.items()},
 }

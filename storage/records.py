@@ -9,6 +9,12 @@ Ids are **teacher-vocabulary ids**: indices into a ``TeacherVocab`` (token bytes
 records. Ids from a server that reports them (the local teacher, vLLM) are the server's own; otherwise the
 collector assigns them as it meets new token byte strings. A varying k is padding: ``-1`` ids and ``-inf``
 logprobs, rows sorted by decreasing logprob. OpenAI's ``-9999`` "not returned" sentinel never reaches a record.
+
+Optional per-position extras (None when the teacher gave none): ``token_logprobs[i]``, the teacher's logprob of
+the actual token ``tokens[i]`` (NaN where unknown, e.g. the first position in score mode); and tail samples,
+``sample_ids[i]`` / ``sample_counts[i]``: the distinct teacher ids drawn (with replacement) from the teacher's
+distribution restricted to outside position ``i``'s top-k, and how often each was drawn (``-1`` / ``0``
+padding; a position's counts sum to the number of draws S, or to 0 where nothing was drawn).
 """
 
 from __future__ import annotations
@@ -41,6 +47,9 @@ class TopKRecord:
     completion_tokens: int = 0
     finish_reason: str | None = None
     topk_logits: np.ndarray | None = None  # float32 [n, K] raw teacher logits (local teacher only)
+    token_logprobs: np.ndarray | None = None  # float32 [n] teacher logprob of tokens[i], NaN: unknown
+    sample_ids: np.ndarray | None = None  # int32 [n, M] distinct tail samples, -1 = no entry
+    sample_counts: np.ndarray | None = None  # int32 [n, M] draws of each, 0 = no entry
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -56,6 +65,21 @@ class TopKRecord:
             raise ValueError(
                 f"sample {self.sample_id}: expected topk_ids/topk_logprobs of shape [{n}, K], "
                 f"got {self.topk_ids.shape} and {self.topk_logprobs.shape}"
+            )
+        if self.token_logprobs is not None and self.token_logprobs.shape != (n,):
+            raise ValueError(
+                f"sample {self.sample_id}: expected token_logprobs of shape [{n}], got {self.token_logprobs.shape}"
+            )
+        if (self.sample_ids is None) != (self.sample_counts is None):
+            raise ValueError(f"sample {self.sample_id}: sample_ids and sample_counts go together")
+        if self.sample_ids is not None and (
+            self.sample_ids.ndim != 2
+            or self.sample_ids.shape[0] != n
+            or self.sample_counts.shape != self.sample_ids.shape
+        ):
+            raise ValueError(
+                f"sample {self.sample_id}: expected sample_ids/sample_counts of shape [{n}, M], "
+                f"got {self.sample_ids.shape} and {self.sample_counts.shape}"
             )
 
 

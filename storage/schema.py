@@ -17,6 +17,10 @@ topk_ids           planes(3) [E]       shard ranks, sorted by decreasing logprob
 topk_logprobs      planes(2) [E]       q16: code deltas (see ``storage.codec``); f16/f32: list<float16/32>
 topk_tail          planes(2) [n]       q16 only: code of the residual mass ``1 − Σ p``
 topk_logits        list<float32> [E]   raw teacher logits, null when the teacher gave none
+token_logprob      planes(2) [n]       optional (format 3): float16 bits of the actual token's logprob, NaN
+sample_n           planes(2) [n]       optional (format 3): distinct tail samples per position (M_p)
+sample_ids         planes(3) [Σ M_p]   shard ranks of the tail samples, in the record's order
+sample_counts      planes(2) [Σ M_p]   draws of each tail sample (a position's counts sum to its S)
 =================  ==================  ===================================================================
 
 plus the request metadata (sample_id, split, teacher, mode, prompt, text, params as JSON, created_at, usage,
@@ -27,6 +31,11 @@ low bytes of small ranks are skewed), and reading is a decompress and a copy, wi
 decoding (3x faster than ``list<int32>`` with BYTE_STREAM_SPLIT at the same size; format 1 still kept the
 per-position columns as lists, which cost the reader a tenth of its time; format-1 shards still read).
 ``token_other`` (a few values per row) keeps Parquet's BYTE_STREAM_SPLIT list encoding.
+
+Format 3 adds the optional columns (present when any record of the shard has them; formats 1 and 2 still
+read). The actual token's logprob is float16 rather than q16: q16 spends its steps on KL of a distribution,
+while this value feeds a cross-entropy directly, where float16's relative error (≤ 2⁻¹¹ of the logprob, so
+≤ 5e-4 nats at logprob −1 and ≤ 8e-3 at −16) beats q16's ≈ 2⁻⁷ nats near p = 1 (``benchmarks/storage.py``).
 """
 
 from __future__ import annotations
@@ -50,8 +59,12 @@ from storage.codec import (
 from storage.kernels import interleave_planes
 from storage.records import TeacherVocab, TopKRecord
 
-FORMAT_VERSION = "2"
-READABLE_FORMATS = ("1", "2")  # format 1: token_rank, topk_k, topk_tail were lists (uint8, uint16, uint16)
+FORMAT_VERSION = "3"
+READABLE_FORMATS = (
+    "1",
+    "2",
+    "3",
+)  # format 1: token_rank, topk_k, topk_tail were lists (uint8, uint16, uint16)
 NOT_IN_TOPK = 255
 META_FORMAT = b"distill.format"
 META_CODEC = b"distill.logprob_codec"
@@ -59,6 +72,8 @@ META_CODEC_PARAMS = b"distill.codec_params"
 META_VOCAB = b"distill.vocab"
 META_MAX_K = b"distill.max_k"
 META_HAS_LOGITS = b"distill.has_logits"
+META_HAS_TOKEN_LOGPROB = b"distill.has_token_logprob"
+META_MAX_SAMPLES = b"distill.max_samples"  # most distinct tail samples at one position; absent: no samples
 
 
 ID_PLANES = 3  # shard ranks up to 2**24 - 1
@@ -90,6 +105,13 @@ _METADATA_FIELDS = [
 METADATA_COLUMNS = [f.name for f in _METADATA_FIELDS]
 TOKEN_COLUMNS = ["token_rank", "token_other"]
 TOPK_COLUMNS = ["topk_k", "topk_ids", "topk_logprobs", "topk_tail"]  # (topk_tail: q16 shards only)
+SAMPLE_COLUMNS = ["sample_n", "sample_ids", "sample_counts"]
+OPTIONAL_FIELDS = [  # format 3, each present or not
+    pa.field("token_logprob", planes_type(2), nullable=False),
+    pa.field("sample_n", planes_type(2), nullable=False),
+    pa.field("sample_ids", planes_type(ID_PLANES), nullable=False),
+    pa.field("sample_counts", planes_type(2), nullable=False),
+]
 BYTE_SPLIT_COLUMNS = ["token_other", "topk_logprobs"]  # the list<int/float> ones
 
 
@@ -276,6 +298,38 @@ def _stored_texts(records, token_bytes, token_ranks, positions_per_row) -> list[
     return out
 
 
+def _flat_samples(records: list[TopKRecord]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Tail samples of all positions: (distinct samples per position [P], ids, counts), or None when no record
+    has any. Entries keep the record's order; padding (-1 id or count 0) is dropped."""
+    if all(r.sample_ids is None for r in records):
+        return None
+    per_position, ids, counts = [], [], []
+    for r in records:
+        if r.sample_ids is None:
+            per_position.append(np.zeros(len(r.tokens), np.int64))
+            continue
+        valid = (r.sample_ids >= 0) & (r.sample_counts > 0)
+        if (r.sample_counts < 0).any() or (r.sample_counts > np.iinfo(np.uint16).max).any():
+            raise ValueError(f"sample {r.sample_id}: sample_counts outside [0, 65535]")
+        per_position.append(valid.sum(axis=1).astype(np.int64))
+        ids.append(r.sample_ids[valid].astype(np.int64))
+        counts.append(r.sample_counts[valid].astype(np.int64))
+    empty = np.zeros(0, np.int64)
+    return np.concatenate(per_position), np.concatenate([empty, *ids]), np.concatenate([empty, *counts])
+
+
+def _flat_token_logprobs(records: list[TopKRecord]) -> np.ndarray | None:
+    """The actual tokens' logprobs of all positions as float16 bit patterns (NaN where unknown), or None."""
+    if all(r.token_logprobs is None for r in records):
+        return None
+    values = [
+        np.full(len(r.tokens), np.nan, np.float32) if r.token_logprobs is None else r.token_logprobs
+        for r in records
+    ]
+    flat = np.concatenate([np.zeros(0, np.float32), *values]).astype(np.float16)
+    return flat.view(np.uint16).astype(np.int64)
+
+
 def records_to_table(
     records: list[TopKRecord], vocab: TeacherVocab, codec: str, params: Q16Params
 ) -> pa.Table:
@@ -283,14 +337,24 @@ def records_to_table(
     flat = _flatten(records)
     if flat.k.size and flat.k.max() > np.iinfo(np.uint16).max:
         raise ValueError(f"top-k of {flat.k.max()} entries per position is more than a shard stores")
-    vocab_ids, ranks = frequency_ranks(np.concatenate([flat.tokens, flat.ids]))
+    samples = _flat_samples(records)
+    sample_ids = samples[1] if samples is not None else np.zeros(0, np.int64)
+    vocab_ids, ranks = frequency_ranks(np.concatenate([flat.tokens, flat.ids, sample_ids]))
     try:
         token_bytes = [vocab.bytes_of(int(t)) for t in vocab_ids]
     except KeyError as exc:
         bad = exc.args[0]
-        owner = next(r.sample_id for r in records if bad in r.tokens or (r.topk_ids == bad).any())
+        owner = next(
+            r.sample_id
+            for r in records
+            if bad in r.tokens
+            or (r.topk_ids == bad).any()
+            or (r.sample_ids is not None and (r.sample_ids == bad).any())
+        )
         raise ValueError(f"sample {owner}: teacher id {bad} is not in the teacher vocabulary") from None
-    token_ranks, entry_ranks = ranks[: len(flat.tokens)], ranks[len(flat.tokens) :]
+    token_ranks = ranks[: len(flat.tokens)]
+    entry_ranks = ranks[len(flat.tokens) : len(flat.tokens) + len(flat.ids)]
+    sample_ranks = ranks[len(flat.tokens) + len(flat.ids) :]
 
     starts = segment_starts(flat.k)
     width = int(flat.k.max()) if flat.k.size else 0
@@ -339,6 +403,17 @@ def records_to_table(
     if tail is not None:
         columns["topk_tail"] = to_planes(tail.astype(np.int64), n_rows, 2)
     columns["topk_logits"] = logits
+    token_logprob = _flat_token_logprobs(records)
+    if token_logprob is not None:
+        columns["token_logprob"] = to_planes(token_logprob, n_rows, 2)
+    if samples is not None:
+        sample_n, _, sample_counts = samples
+        samples_per_row = np.bincount(row_of_position, weights=sample_n, minlength=len(records)).astype(
+            np.int64
+        )
+        columns["sample_n"] = to_planes(sample_n, n_rows, 2)
+        columns["sample_ids"] = to_planes(sample_ranks, samples_per_row, ID_PLANES)
+        columns["sample_counts"] = to_planes(sample_counts, samples_per_row, 2)
     metadata = {
         META_FORMAT: FORMAT_VERSION.encode(),
         META_CODEC: codec.encode(),
@@ -346,8 +421,15 @@ def records_to_table(
         META_VOCAB: encode_vocab(vocab_ids, token_bytes),
         META_MAX_K: str(width).encode(),
         META_HAS_LOGITS: b"1" if has_logits.any() else b"0",
+        META_HAS_TOKEN_LOGPROB: b"0" if token_logprob is None else b"1",
     }
-    return pa.Table.from_pydict(columns, schema=shard_schema(codec).with_metadata(metadata))
+    if samples is not None:
+        metadata[META_MAX_SAMPLES] = str(int(samples[0].max(initial=0))).encode()
+    schema = shard_schema(codec)
+    for field in OPTIONAL_FIELDS:
+        if field.name in columns:
+            schema = schema.append(field)
+    return pa.Table.from_pydict(columns, schema=schema.with_metadata(metadata))
 
 
 @dataclass
@@ -356,7 +438,9 @@ class ShardArrays:
 
     ``row_offsets[r]:row_offsets[r+1]`` are row ``r``'s positions; ``entry_offsets[p]:entry_offsets[p+1]`` are
     position ``p``'s top-k entries. ``vocab_table[rank]`` / ``vocab_ids[rank]`` give each rank's token bytes and
-    teacher id (``vocab_bytes``: the same bytes as a Python list).
+    teacher id (``vocab_bytes``: the same bytes as a Python list). Optional (None when the shard has none):
+    ``token_logprobs`` [P] (NaN: unknown); position ``p``'s tail samples are
+    ``sample_offsets[p]:sample_offsets[p+1]`` of ``sample_ids`` (shard ranks) and ``sample_counts``.
     """
 
     table: pa.Table  # the metadata columns
@@ -368,6 +452,10 @@ class ShardArrays:
     topk_logits: np.ndarray | None  # NaN for rows without logits; None when no row has any
     vocab_ids: np.ndarray
     vocab_table: pa.BinaryArray
+    token_logprobs: np.ndarray | None = None
+    sample_offsets: np.ndarray | None = None
+    sample_ids: np.ndarray | None = None
+    sample_counts: np.ndarray | None = None
 
     @property
     def vocab_bytes(self) -> list[bytes]:
@@ -427,7 +515,19 @@ def check_schema(schema: pa.Schema, source: str) -> str:
             raise ShardError(
                 f"{source}: schema mismatch: column {field.name!r} has type {got}, expected {field.type}"
             )
-    extra = set(schema.names) - set(expected.names)
+    optional = {f.name: f for f in OPTIONAL_FIELDS} if format_of(schema, source) not in ("1", "2") else {}
+    for name in set(schema.names) & set(optional):
+        got = schema.field(name).type
+        if not got.equals(optional[name].type):
+            raise ShardError(
+                f"{source}: schema mismatch: column {name!r} has type {got}, expected {optional[name].type}"
+            )
+    present = [name for name in SAMPLE_COLUMNS if name in schema.names]
+    if present and len(present) != len(SAMPLE_COLUMNS):
+        raise ShardError(
+            f"{source}: schema mismatch: sample columns {present} without the rest of {SAMPLE_COLUMNS}"
+        )
+    extra = set(schema.names) - set(expected.names) - set(optional)
     if extra:
         raise ShardError(f"{source}: schema mismatch: unexpected columns {sorted(extra)}")
     return codec
@@ -483,6 +583,22 @@ def table_to_arrays(table: pa.Table, source: str) -> ShardArrays:
     logits = None
     if "topk_logits" in table.column_names:
         logits = _decode_logits(one_array(table.column("topk_logits")), entry_offsets[row_offsets], source)
+    token_logprobs = None
+    if "token_logprob" in table.column_names:
+        bits = per_position(table.column("token_logprob"))[0]
+        if len(bits) != len(tokens):
+            raise ShardError(f"{source}: token_logprob does not match token_rank (damaged shard)")
+        token_logprobs = bits.astype(np.uint16).view(np.float16).astype(np.float32)
+    sample_offsets = sample_ids = sample_counts = None
+    if "sample_n" in table.column_names:
+        sample_n = per_position(table.column("sample_n"))[0]
+        sample_offsets = segment_starts(sample_n)
+        sample_ids = from_planes(table.column("sample_ids"))
+        sample_counts = from_planes(table.column("sample_counts"))
+        if len(sample_n) != len(tokens) or not len(sample_ids) == len(sample_counts) == sample_offsets[-1]:
+            raise ShardError(f"{source}: sample columns disagree with each other (damaged shard)")
+        if sample_ids.size and sample_ids.max() >= len(vocab_ids):
+            raise ShardError(f"{source}: sample ids beyond the shard's vocabulary table (damaged shard)")
     return ShardArrays(
         table=table.select([c for c in METADATA_COLUMNS if c in table.column_names]),
         row_offsets=row_offsets,
@@ -493,6 +609,10 @@ def table_to_arrays(table: pa.Table, source: str) -> ShardArrays:
         topk_logits=logits,
         vocab_ids=vocab_ids,
         vocab_table=vocab_table,
+        token_logprobs=token_logprobs,
+        sample_offsets=sample_offsets,
+        sample_ids=sample_ids,
+        sample_counts=sample_counts,
     )
 
 
@@ -516,6 +636,9 @@ def arrays_to_records(arrays: ShardArrays) -> list[TopKRecord]:
         if arrays.topk_logits is not None and not np.isnan(arrays.topk_logits[e0:e1]).all():
             logits = np.full((p1 - p0, width), np.nan, dtype=np.float32)
             logits[valid] = arrays.topk_logits[e0:e1]
+        token_logprobs = None
+        if arrays.token_logprobs is not None and not np.isnan(arrays.token_logprobs[p0:p1]).all():
+            token_logprobs = arrays.token_logprobs[p0:p1].copy()
         records.append(
             TopKRecord(
                 sample_id=m["sample_id"],
@@ -533,6 +656,23 @@ def arrays_to_records(arrays: ShardArrays) -> list[TopKRecord]:
                 completion_tokens=m["completion_tokens"],
                 finish_reason=m["finish_reason"],
                 topk_logits=logits,
+                token_logprobs=token_logprobs,
+                **_record_samples(arrays, p0, p1),
             )
         )
     return records
+
+
+def _record_samples(arrays: ShardArrays, p0: int, p1: int) -> dict[str, np.ndarray]:
+    """``sample_ids`` / ``sample_counts`` of positions ``p0:p1`` padded to their widest position (teacher
+    ids), or nothing when none of them has a sample."""
+    if arrays.sample_offsets is None or arrays.sample_offsets[p1] == arrays.sample_offsets[p0]:
+        return {}
+    n = np.diff(arrays.sample_offsets[p0 : p1 + 1])
+    valid = np.arange(int(n.max()))[None, :] < n[:, None]
+    s0, s1 = int(arrays.sample_offsets[p0]), int(arrays.sample_offsets[p1])
+    ids = np.full(valid.shape, -1, np.int32)
+    ids[valid] = arrays.vocab_ids[arrays.sample_ids[s0:s1]]
+    counts = np.zeros(valid.shape, np.int32)
+    counts[valid] = arrays.sample_counts[s0:s1]
+    return {"sample_ids": ids, "sample_counts": counts}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -108,7 +109,8 @@ def write_shard(table: pa.Table, data_dir: Path, settings: StorageSettings) -> S
     directory = shard_dir(data_dir)
     directory.mkdir(parents=True, exist_ok=True)
     name = f"{uuid.uuid4().hex}{SHARD_SUFFIX}"
-    tmp = directory / (name[: -len(SHARD_SUFFIX)] + TMP_SUFFIX)
+    # the writer's pid in the temporary name tells a crashed writer's file from a live one (stale_temp_files)
+    tmp = directory / f"{name[: -len(SHARD_SUFFIX)]}-{os.getpid()}{TMP_SUFFIX}"
     try:
         write_table(table, tmp, settings)
         with open(tmp, "rb+") as f:
@@ -122,6 +124,50 @@ def write_shard(table: pa.Table, data_dir: Path, settings: StorageSettings) -> S
     codec = table.schema.metadata[b"distill.logprob_codec"].decode()
     tokens = int(per_position(table.column("topk_k"))[1][-1])
     return ShardInfo(name, (directory / name).stat().st_size, digest, table.num_rows, tokens, codec)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def stale_temp_files(
+    data_dir: Path, grace_s: float = 3600.0, now: float | None = None
+) -> list[tuple[Path, str]]:
+    """Unfinished ``.tmp`` shards a crashed writer left: ``(path, why)`` for those whose writer process (its pid
+    is in the name) is gone, or older than ``grace_s`` seconds; a live writer's file is never listed."""
+    directory = shard_dir(data_dir)
+    if not directory.is_dir():
+        return []
+    now = time.time() if now is None else now
+    stale = []
+    for path in sorted(directory.glob(f"*{TMP_SUFFIX}")):
+        stem = path.name[: -len(TMP_SUFFIX)]
+        pid_text = stem.rpartition("-")[2]
+        try:
+            age = now - path.stat().st_mtime
+        except FileNotFoundError:  # its writer just renamed it
+            continue
+        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _process_alive(int(pid_text)):
+            stale.append((path, f"its writer (pid {pid_text}) is gone"))
+        elif age > grace_s:
+            stale.append((path, f"unchanged for {age / 3600:.1f} h"))
+    return stale
+
+
+def remove_stale_temp_files(data_dir: Path, grace_s: float = 3600.0) -> list[tuple[Path, str]]:
+    """Delete what ``stale_temp_files`` lists, logging each with its reason; returns them."""
+    removed = []
+    for path, why in stale_temp_files(data_dir, grace_s):
+        path.unlink(missing_ok=True)
+        log.warning("removed unfinished shard %s: %s", path, why)
+        removed.append((path, why))
+    return removed
 
 
 def open_shard(path: Path) -> pq.ParquetFile:

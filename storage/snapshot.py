@@ -21,7 +21,7 @@ from storage.catalog import Catalog
 from storage.shards import shard_dir
 
 SNAPSHOT_DIR = "snapshots"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: rows in sample-id order
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class ShardSelection:
     path: Path
     bytes: int
     sha256: str
-    rows: np.ndarray  # int64 row indices, ascending
+    rows: np.ndarray  # int64 row indices, in sample-id order
 
     def check(self) -> None:
         """Fail, naming the file, if the shard is gone or is not the file the snapshot was made from."""
@@ -54,12 +54,25 @@ class Snapshot:
 
 
 def _ranges(rows: list[int]) -> list[list[int]]:
-    """Ascending row indices as ``[start, stop)`` runs (compact in JSON)."""
+    """Row indices as ``[start, stop)`` runs of consecutive ascending rows (compact in JSON)."""
     runs = []
     for _, group in groupby(enumerate(rows), key=lambda pair: pair[1] - pair[0]):
         items = [row for _, row in group]
         runs.append([items[0], items[-1] + 1])
     return runs
+
+
+def _by_sample_id(rows: list[tuple]) -> list[tuple[str, list[tuple]]]:
+    """Catalog rows ``(shard, row, sample_id, ...)`` grouped by shard, each shard's rows in sample-id order and
+    the shards in the order of their first sample id. Rows within a shard follow the order in which the teacher
+    answered, and shard names are random: without this the reader's order (and so training batches and the
+    held-out order) would change from one collection to the next. Which records share a shard still depends on
+    the collector's timing when it writes several shards."""
+    groups: dict[str, list[tuple]] = {}
+    for row in rows:
+        groups.setdefault(row[0], []).append(row)
+    ordered = [(shard, sorted(group, key=lambda r: r[2])) for shard, group in groups.items()]
+    return sorted(ordered, key=lambda item: item[1][0][2])
 
 
 def _expand(runs: list[list[int]]) -> np.ndarray:
@@ -68,8 +81,8 @@ def _expand(runs: list[list[int]]) -> np.ndarray:
     return np.concatenate([np.arange(start, stop, dtype=np.int64) for start, stop in runs])
 
 
-def _content_hash(selection: dict[str, Any], shards: list[dict[str, Any]]) -> str:
-    payload = {"version": MANIFEST_VERSION, "selection": selection, "shards": shards}
+def _content_hash(version: int, selection: dict[str, Any], shards: list[dict[str, Any]]) -> str:
+    payload = {"version": version, "selection": selection, "shards": shards}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -99,14 +112,14 @@ def create_snapshot(
     rows = catalog.select(splits=splits, teacher=teacher, mode=mode, params=params, max_samples=max_samples)
     shards, samples = [], 0
     directory = shard_dir(catalog.data_dir)
-    for shard, group in groupby(rows, key=lambda row: row[0]):
+    for shard, group in _by_sample_id(rows):
         indices = [row for _, row, *_ in group]
         info = catalog.shard_info(shard)
         ShardSelection(directory / shard, info.bytes, info.sha256, np.zeros(0)).check()
         shards.append({"name": shard, "bytes": info.bytes, "sha256": info.sha256, "rows": _ranges(indices)})
         samples += len(indices)
     tokens = sum(n for *_, n in rows)
-    content_hash = _content_hash(selection, shards)
+    content_hash = _content_hash(MANIFEST_VERSION, selection, shards)
     manifest = {
         "version": MANIFEST_VERSION,
         "name": name,
@@ -119,7 +132,7 @@ def create_snapshot(
         "shards": shards,
     }
     path = catalog.data_dir / SNAPSHOT_DIR / f"{name}.json"
-    if path.exists():
+    if path.exists() and _version(path) >= MANIFEST_VERSION:
         existing = load_snapshot(path)
         if existing.content_hash != content_hash:
             raise FileExistsError(
@@ -131,6 +144,14 @@ def create_snapshot(
     tmp.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     tmp.replace(path)
     return load_snapshot(path)
+
+
+def _version(path: Path) -> int:
+    """The manifest version of an existing snapshot (an older one is rewritten in the current order)."""
+    try:
+        return int(json.loads(path.read_text(encoding="utf-8")).get("version", 0))
+    except (ValueError, AttributeError):
+        return MANIFEST_VERSION
 
 
 def load_snapshot(path: str | Path) -> Snapshot:
@@ -159,6 +180,7 @@ def load_snapshot(path: str | Path) -> Snapshot:
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{path}: not a valid snapshot manifest ({type(exc).__name__}: {exc})") from None
     recomputed = _content_hash(
+        manifest.get("version", MANIFEST_VERSION),
         manifest["selection"],
         [{k: s[k] for k in ("name", "bytes", "sha256", "rows")} for s in manifest["shards"]],
     )

@@ -11,6 +11,13 @@ Determinism: every sequence samples from its own ``torch.Generator`` seeded by i
 none is given), in float64, so the same request with the same seed gives the same tokens whatever else shares
 its batch. Reported logprobs are those of the raw model distribution (temperature 1, no top-p), as vLLM's
 default and OpenAI's ``logprobs`` report them; temperature and top-p only shape the sampling.
+
+Tail samples (``SamplingParams.samples = S``): each report also draws S tokens with replacement from that same
+reported distribution restricted to outside its top-k, from a generator of their own (``sample_seed``), so
+asking for them changes neither the generated tokens nor the reported logprobs. The top-k probabilities plus
+``r · count / S`` on the distinct draws (``r`` = the mass outside the top-k) estimate the full distribution
+without bias. They are drawn at temperature 1 whatever the request's temperature, because the head they
+complete is reported at temperature 1 (and score requests ask for temperature 0 only to cut decoding short).
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # top entries reported per generated token (None: no report)
     prompt_logprobs: int | None = None  # top entries reported per prompt position (None: no report)
+    samples: int = 0  # tail tokens drawn per reported position (outside its top-k)
+    sample_seed: int | None = None  # seed of those draws (None: random)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -64,6 +73,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if len(self.stop) > MAX_STOP_STRINGS or any(not s for s in self.stop):
             raise ValueError(f"stop must be at most {MAX_STOP_STRINGS} non-empty strings, got {self.stop!r}")
+        if self.samples < 0:
+            raise ValueError(f"samples must be >= 0, got {self.samples}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -81,6 +92,8 @@ class PositionReport:
     top_ids: list[int]
     top_logprobs: list[float]
     top_logits: list[float]
+    sample_ids: list[int] = field(default_factory=list)  # distinct tail draws (outside top_ids), ascending
+    sample_counts: list[int] = field(default_factory=list)  # how often each was drawn
 
 
 @dataclass
@@ -102,8 +115,33 @@ class Completion:
     prompt_reports: list[PositionReport | None] | None  # one per prompt token, first None
 
 
-def position_reports(logits: torch.Tensor, actual: Sequence[int], k: int) -> list[PositionReport]:
-    """Reports for rows of full-vocabulary logits ``[N, V]`` and the token actually at each row."""
+def tail_samples(
+    logprobs: torch.Tensor, top_ids: torch.Tensor, samples: int, generator: torch.Generator | None
+) -> list[tuple[list[int], list[int]]]:
+    """Per row of ``logprobs [N, V]``: ``samples`` draws with replacement from the distribution restricted to
+    outside the row's ``top_ids``, as (distinct ids ascending, counts); nothing where that mass is 0."""
+    probs = logprobs.double().exp().scatter(1, top_ids, 0.0)
+    has_tail = probs.sum(dim=1) > 0
+    out: list[tuple[list[int], list[int]]] = [([], []) for _ in range(probs.shape[0])]
+    if samples == 0 or not bool(has_tail.any()):
+        return out
+    rows = torch.nonzero(has_tail).flatten()
+    draws = torch.multinomial(probs[rows], samples, replacement=True, generator=generator)
+    for row, drawn in zip(rows.tolist(), draws, strict=True):
+        ids, counts = torch.unique(drawn, return_counts=True)
+        out[row] = (ids.tolist(), counts.tolist())
+    return out
+
+
+def position_reports(
+    logits: torch.Tensor,
+    actual: Sequence[int],
+    k: int,
+    samples: int = 0,
+    generator: torch.Generator | None = None,
+) -> list[PositionReport]:
+    """Reports for rows of full-vocabulary logits ``[N, V]`` and the token actually at each row, with
+    ``samples`` tail draws each (``tail_samples``)."""
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     actual_t = torch.as_tensor(list(actual), dtype=torch.long).view(-1, 1)
@@ -112,6 +150,7 @@ def position_reports(logits: torch.Tensor, actual: Sequence[int], k: int) -> lis
     top_lp, top_ids = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
     top_logits = logits.gather(1, top_ids)
     actual_logit = logits.gather(1, actual_t)
+    drawn = tail_samples(logprobs, top_ids, samples, generator)
     return [
         PositionReport(
             token=int(actual_t[i, 0]),
@@ -121,6 +160,8 @@ def position_reports(logits: torch.Tensor, actual: Sequence[int], k: int) -> lis
             top_ids=top_ids[i].tolist(),
             top_logprobs=top_lp[i].tolist(),
             top_logits=top_logits[i].tolist(),
+            sample_ids=drawn[i][0],
+            sample_counts=drawn[i][1],
         )
         for i in range(logits.shape[0])
     ]
@@ -161,6 +202,7 @@ class DecodeState:
     prompt: list[int]
     params: SamplingParams
     generator: torch.Generator
+    sample_generator: torch.Generator | None = None  # the tail draws' own (SamplingParams.samples)
     generated: list[int] = field(default_factory=list)
     reports: list[PositionReport] = field(default_factory=list)
     prompt_reports: list[PositionReport | None] | None = None
@@ -183,7 +225,11 @@ class Decoder:
         if not prompt:
             raise ValueError("the prompt must hold at least one token")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        return DecodeState(list(prompt), params, torch.Generator().manual_seed(seed))
+        sample_generator = None
+        if params.samples:
+            sample_seed = params.sample_seed if params.sample_seed is not None else secrets.randbits(63)
+            sample_generator = torch.Generator().manual_seed(sample_seed)
+        return DecodeState(list(prompt), params, torch.Generator().manual_seed(seed), sample_generator)
 
     def run_wave(
         self,
@@ -207,7 +253,13 @@ class Decoder:
         on_forward(len(need_forward))
         for seq, row_logits, every in zip(need_forward, logits, wants_all, strict=True):
             if every:
-                reports = position_reports(row_logits[:-1], seq.prompt[1:], seq.params.prompt_logprobs)
+                reports = position_reports(
+                    row_logits[:-1],
+                    seq.prompt[1:],
+                    seq.params.prompt_logprobs,
+                    seq.params.samples,
+                    seq.sample_generator,
+                )
                 seq.prompt_reports = [None, *reports]
             self._advance(seq, row_logits[-1], on_done)
         while not all(s.done for s in need_forward):
@@ -228,7 +280,15 @@ class Decoder:
     def _append(self, seq: DecodeState, logits: torch.Tensor) -> None:
         token = sample_token(logits, seq.params, seq.generator)
         if seq.params.logprobs is not None:
-            seq.reports.extend(position_reports(logits.unsqueeze(0), [token], seq.params.logprobs))
+            seq.reports.extend(
+                position_reports(
+                    logits.unsqueeze(0),
+                    [token],
+                    seq.params.logprobs,
+                    seq.params.samples,
+                    seq.sample_generator,
+                )
+            )
         seq.generated.append(token)
         seq.data += self._token_bytes(token)
         if seq.params.stop:

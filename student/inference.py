@@ -5,6 +5,8 @@ calls with the same arguments):
 
 - ``InferenceModel.from_checkpoint(directory)``: the model saved by ``student.checkpoint`` at whatever TP size,
   resharded to the current one, with the tokenizer stored beside it (or ``tokenizer=`` a ``tokenizer.json``).
+- ``InferenceModel.from_hf(directory, tokenizer=None)``: a Hugging Face ``LlamaForCausalLM`` directory
+  (``student.hf_import``) at the current TP size, with the directory's ``tokenizer.json`` unless one is given.
 - ``InferenceModel.random_init(model_settings, tokenizer, seed)``: a seeded, untrained model (tests and
   benchmarks serve a real model without training one); the same seed gives the same weights at any TP.
 - ``model.logits(token_lists)``: full-vocabulary logits ``[len_i, V]`` (float32, padding rows of the
@@ -74,6 +76,26 @@ class InferenceModel:
             )
         model.eval()
         return cls(model, ModelSettings(**meta["model"]), tok)
+
+    @classmethod
+    def from_hf(cls, directory: str | Path, tokenizer: str | Path | None = None) -> InferenceModel:
+        """A Hugging Face Llama checkpoint at the current TP size, with its own tokenizer unless one is given."""
+        from student.hf_import import HFImportError, build_from_hf
+
+        directory = Path(directory)
+        path = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.json"
+        if not path.is_file():
+            raise HFImportError(f"{directory}: no tokenizer.json inside; pass the tokenizer explicitly")
+        tok = StudentTokenizer.load(path)
+        seed_everything(0)
+        model, settings = build_from_hf(directory)
+        if tok.vocab_size != model.true_vocab_size:
+            raise HFImportError(
+                f"{path}: tokenizer has {tok.vocab_size} tokens but {directory / 'config.json'} has vocab_size "
+                f"{model.true_vocab_size}"
+            )
+        model.eval()
+        return cls(model, settings, tok)
 
     @classmethod
     def random_init(cls, settings: ModelSettings, tokenizer: StudentTokenizer, seed: int) -> InferenceModel:

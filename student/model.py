@@ -15,17 +15,19 @@ Public API (stable; call after ``student.distributed.init_distributed``):
   ``j <= i`` of the same document; padding (``doc_id = -1``) sees only itself (never a fully blocked row).
 - ``forward_logits(model, tokens, position_ids, doc_ids) -> [B, S, V_padded / TP]``: vocabulary-parallel
   logits, float32 (bf16 under GPU autocast), this rank's slice ``[tp_rank * V/TP, (tp_rank+1) * V/TP)``.
+  Columns of padding rows (``>= model.true_vocab_size``) hold ``PAD_LOGIT`` and get no gradient: they never
+  win a softmax, an argmax or a top-k.
 
 Architecture, as Hugging Face's ``LlamaForCausalLM`` computes it: token embedding (no positional table),
 pre-norm blocks of RMSNorm -> attention with RoPE (non-interleaved halves, ``rotary_base``) -> residual ->
-RMSNorm -> SwiGLU MLP (``down(silu(gate(x)) * up(x))``) -> residual, a final RMSNorm and an untied output
-layer; no biases, no dropout by default. Weight layout for exporters (megatron names, TP=1):
+RMSNorm -> SwiGLU MLP (``down(silu(gate(x)) * up(x))``) -> residual, a final RMSNorm and an output layer (tied
+to the embedding when ``tie_embeddings``: megatron's ``share_embeddings_and_output_weights``); no biases, no dropout by default. Weight layout for exporters (megatron names, TP=1):
 ``decoder.layers.N.self_attention.linear_qkv.weight`` is ``[ng * (np/ng + 2) * hn, h]`` grouped per key/value
 head: for each group g the rows hold its ``np/ng`` query heads, then its key head, then its value head;
 ``mlp.linear_fc1.weight`` is ``[gate; up]`` stacked (``2 * ffn``), ``mlp.linear_fc2`` is ``down``; the norms are
 ``input_layernorm.weight``, ``pre_mlp_layernorm.weight`` and ``decoder.final_layernorm.weight`` (torch
 ``RMSNorm``: ``x * rsqrt(mean(x^2) + eps) * weight``); ``embedding.word_embeddings.weight`` and
-``output_layer.weight`` are ``[V_padded, h]``. At TP > 1 each rank holds its slice of those (``linear_fc1``:
+``output_layer.weight`` (absent when tied) are ``[V_padded, h]``. At TP > 1 each rank holds its slice of those (``linear_fc1``:
 its slice of gate stacked on its slice of up); ``dist_checkpointing`` stores the TP=1 layout.
 
 RoPE angles come from the position within the packed row (megatron ignores ``position_ids`` for RoPE);
@@ -45,6 +47,11 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from student.settings import ModelSettings
+
+PAD_LOGIT = -1e4
+"""Logit of the vocabulary's padding columns: ``exp`` underflows to exactly 0 against any real logit, so they
+never win a softmax or a top-k. Finite on purpose: ``-inf`` would make ``log q`` of those columns ``-inf`` and
+a metric's ``0 * log q`` NaN; ``-1e4`` is exact in bf16 and fp16 too."""
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
@@ -113,7 +120,7 @@ def build_model(settings: ModelSettings, vocab_size: int, padded_vocab: int | No
         pre_process=True,
         post_process=True,
         parallel_output=True,
-        share_embeddings_and_output_weights=False,
+        share_embeddings_and_output_weights=settings.tie_embeddings,
         position_embedding_type="rope",
         rotary_percent=1.0,
         rotary_base=settings.rotary_base,
@@ -138,5 +145,16 @@ def attention_mask(doc_ids: torch.Tensor) -> torch.Tensor:
 def forward_logits(
     model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor
 ) -> torch.Tensor:
-    """Vocabulary-parallel logits ``[B, S, V_padded/TP]`` of a packed batch."""
-    return model(input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask(doc_ids))
+    """Vocabulary-parallel logits ``[B, S, V_padded/TP]`` of a packed batch, padding columns at ``PAD_LOGIT``."""
+    logits = model(input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask(doc_ids))
+    return mask_padded_vocab(logits, model.true_vocab_size)
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Set this TP rank's columns of padding rows (global id ``>= vocab_size``) to ``PAD_LOGIT``, no gradient."""
+    local = logits.shape[-1]
+    first = parallel_state.get_tensor_model_parallel_rank() * local
+    if first + local <= vocab_size:
+        return logits
+    padding = torch.arange(first, first + local, device=logits.device) >= vocab_size
+    return logits.masked_fill(padding, PAD_LOGIT)

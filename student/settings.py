@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ModelSettings(BaseModel):
-    """A Llama-compatible megatron-core GPT (RMSNorm, SwiGLU, RoPE, no biases, untied embeddings)."""
+    """A Llama-compatible megatron-core GPT (RMSNorm, SwiGLU, RoPE, no biases, embeddings tied or not)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -17,7 +17,7 @@ class ModelSettings(BaseModel):
     )
     ffn_hidden_size: int = Field(344, gt=0, description="SwiGLU inner width.")
     seq_length: int = Field(128, gt=1, description="Packed training sequence length (and max positions).")
-    rotary_base: int = Field(10000, gt=0, description="RoPE base.")
+    rotary_base: float = Field(10000.0, gt=0, description="RoPE base (Hugging Face's rope_theta).")
     norm_epsilon: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
     init_method_std: float = Field(0.02, gt=0, description="Std of the normal weight initialisation.")
     num_query_groups: int | None = Field(
@@ -28,6 +28,14 @@ class ModelSettings(BaseModel):
     vocab_multiple: int = Field(
         128, gt=0, description="The vocabulary is padded to a multiple of this times the TP size."
     )
+    tie_embeddings: bool = Field(
+        False, description="Tie the output layer to the input embedding (one shared [V, h] matrix)."
+    )
+    init: str | None = Field(
+        None,
+        description="A Hugging Face Llama directory to start from; its architecture replaces the fields above "
+        "except seq_length.",
+    )
 
 
 class LossSettings(BaseModel):
@@ -35,14 +43,21 @@ class LossSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["soft", "hard", "mse"] = Field(
-        "soft", description="soft: soft CE over teacher top-k; hard: ordinary CE; mse: logit MSE."
+    kind: Literal["soft", "hard", "mse", "sampled"] = Field(
+        "soft",
+        description="soft: soft CE over teacher top-k; hard: ordinary CE; mse: logit MSE; sampled: soft CE "
+        "against unbiased sampled targets (batch keys sample_ids, sample_weights).",
     )
-    tail: Literal["none", "renormalize", "tail_bucket"] = Field(
-        "tail_bucket", description="Treatment of the teacher mass outside the top-k."
+    tail: Literal["none", "renormalize", "tail_bucket", "actual_bin"] = Field(
+        "tail_bucket",
+        description="Treatment of the teacher mass outside the top-k (kind=soft); actual_bin splits the "
+        "actual next token's bin out of the tail bucket where its logprob is known (batch key actual_logprob).",
     )
     temperature: float = Field(
-        1.0, gt=0, description="Temperature on both teacher and student; the loss is scaled by tau^2."
+        1.0,
+        gt=0,
+        description="Temperature on both teacher and student; the loss is scaled by tau^2. kind=sampled: the "
+        "temperature the samples were drawn at.",
     )
     alpha: float = Field(
         1.0,

@@ -6,6 +6,11 @@ SPEC is a JSON file (``TrainSpec``): ``model`` (ModelSettings), ``train`` (Train
 ``out_dir`` and optional ``resume`` (true: the newest checkpoint under ``out_dir/checkpoints`` if any; or a
 checkpoint path).
 
+``model.init`` (a Hugging Face Llama directory, ``student.hf_import``) starts the student from that checkpoint:
+its architecture replaces the spec's (``seq_length`` and dropout stay), its weights are loaded before the
+optimizer is made, and the checkpoints record the effective architecture. A resumed run builds the same
+architecture and loads its own checkpoint instead.
+
 One optimizer step: ``grad_accum_steps`` micro-batches per data-parallel rank; each micro-batch loss (a mean
 over its tokens) is weighted by its share of the tokens of the *global* step (all micro-batches of all DP
 ranks), so the step minimises the token mean of the global batch whatever the TP x DP grid or accumulation.
@@ -50,6 +55,7 @@ from student.distributed import (
     teardown,
     tp_group,
 )
+from student.hf_import import HFImportError, init_settings, load_hf_weights
 from student.losses import METRIC_SUMS, distillation_loss
 from student.model import build_model, forward_logits
 from student.schedule import make_scheduler
@@ -93,7 +99,28 @@ def load_spec(path: str | Path) -> TrainSpec:
         value = getattr(spec, name)
         if value is not None and not value.is_file():
             raise SpecError(f"{path}: field '{name}': file {value} not found")
+    try:
+        effective_model(spec)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
     return spec
+
+
+def effective_model(spec: TrainSpec) -> ModelSettings:
+    """The spec's model, or with ``model.init`` set the Hugging Face checkpoint's architecture (checked)."""
+    if spec.model.init is None:
+        return spec.model
+    try:
+        settings, vocab = init_settings(spec.model)
+    except HFImportError as exc:
+        raise SpecError(f"field 'model.init': {exc}") from None
+    tokens = StudentTokenizer.load(spec.tokenizer).vocab_size
+    if vocab != tokens:
+        raise SpecError(
+            f"field 'model.init': {spec.model.init} has vocab_size {vocab} but the tokenizer {spec.tokenizer} "
+            f"has {tokens} tokens"
+        )
+    return settings
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -361,7 +388,10 @@ def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
             _clear_previous_run(out)
     seed_everything(settings.seed)
     tokenizer = StudentTokenizer.load(spec.tokenizer)
-    model = build_model(spec.model, tokenizer.vocab_size)
+    model_settings = effective_model(spec)
+    model = build_model(model_settings, tokenizer.vocab_size)
+    if model_settings.init is not None and resume is None:
+        load_hf_weights(model, model_settings.init, model_settings)
     optimizer = make_optimizer(model, settings)
     scheduler = make_scheduler(optimizer, settings)
     train_batches = make_batches(spec.train_data, tokenizer, spec, env, train=True)
@@ -394,7 +424,7 @@ def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
         ckpt.save_checkpoint(
             directory,
             model,
-            spec.model,
+            model_settings,
             step,
             train_states=states if with_state else None,
             tokenizer=spec.tokenizer,

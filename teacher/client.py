@@ -9,6 +9,7 @@ backoff cover every fault.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -16,7 +17,17 @@ import httpx2
 from openai import AsyncOpenAI
 
 from teacher.inputs import WorkItem
-from teacher.parsing import Parsed, Resolve, parse_chat, parse_completion, parse_prompt_logprobs
+from teacher.parsing import (
+    Parsed,
+    Resolve,
+    chat_samples,
+    completion_samples,
+    parse_chat,
+    parse_completion,
+    parse_prompt_logprobs,
+    prompt_samples,
+    with_samples,
+)
 from teacher.settings import TeacherSettings
 
 BAD_BODY_STATUS = 502
@@ -60,7 +71,8 @@ class ValidatingTransport(httpx2.AsyncBaseTransport):
         problem = body_problem(request.content, content)
         if problem is None:
             return response
-        message = f"the teacher answered 200 with {problem}"
+        kind = response.headers.get("content-type", "no content type")
+        message = f"{request.url}: the teacher answered 200 with {problem} ({kind})"
         return httpx2.Response(
             BAD_BODY_STATUS,
             headers={"x-should-retry": "true"},
@@ -90,6 +102,8 @@ def make_openai_client(settings: TeacherSettings, base_url: str, api_key: str | 
 def request_params(settings: TeacherSettings) -> dict[str, Any]:
     """The parameters that decide the teacher's answer: hashed into the sample id and stored with records."""
     params: dict[str, Any] = {"mode": settings.mode, "top_k": settings.top_k, "token_ids": settings.token_ids}
+    if settings.samples:  # (absent when off, so the sample ids of data collected without samples stay)
+        params["samples"] = settings.samples
     if settings.mode == "generate":
         params.update(api=settings.api, temperature=settings.temperature, max_tokens=settings.max_tokens)
     else:
@@ -122,6 +136,10 @@ class TeacherClient:
                 "teacher.token_ids = true needs the teacher's tokenizer (teacher.tokenizer_path); "
                 "for OpenAI, which reports bytes, set teacher.token_ids = false"
             )
+        if settings.samples and resolve is None:
+            raise ValueError(
+                "teacher.samples > 0 needs the teacher's tokenizer (teacher.tokenizer_path): samples come as ids"
+            )
         self.settings = settings
         self.resolve = resolve
         self.openai = make_openai_client(settings, base_url, api_key)
@@ -136,6 +154,13 @@ class TeacherClient:
         s = self.settings
         body: dict[str, Any] = {"return_tokens_as_token_ids": True} if s.token_ids else {}
         return {**body, "return_logits": True} if s.logits else body
+
+    def _sample_body(self, item: WorkItem) -> dict[str, Any]:
+        """The local teacher's ``return_samples`` with a seed from the prompt (a re-run draws the same)."""
+        if not self.settings.samples:
+            return {}
+        seed = int(hashlib.sha256(item.prompt_text().encode("utf-8")).hexdigest()[:15], 16)
+        return {"return_samples": self.settings.samples, "sample_seed": seed}
 
     async def ask(self, item: WorkItem) -> Parsed:
         s = self.settings
@@ -155,9 +180,12 @@ class TeacherClient:
             top_logprobs=s.top_k,
             max_tokens=s.max_tokens,
             temperature=s.temperature,
-            extra_body=self._id_body(),
+            extra_body={**self._id_body(), **self._sample_body(item)},
         )
-        return parse_chat(json.loads(raw.content), s.top_k, self.resolve)
+        body = json.loads(raw.content)
+        return with_samples(
+            parse_chat(body, s.top_k, self.resolve), chat_samples(body, s.samples, self.resolve)
+        )
 
     async def _complete(self, item: WorkItem) -> Parsed:
         s = self.settings
@@ -167,9 +195,11 @@ class TeacherClient:
             logprobs=s.top_k,
             max_tokens=s.max_tokens,
             temperature=s.temperature,
-            extra_body=self._id_body(),
+            extra_body={**self._id_body(), **self._sample_body(item)},
         )
-        return parse_completion(json.loads(raw.content), s.top_k, resolve=self.resolve)
+        body = json.loads(raw.content)
+        parsed = parse_completion(body, s.top_k, resolve=self.resolve)
+        return with_samples(parsed, completion_samples(body, s.samples, self.resolve))
 
     async def _echo(self, item: WorkItem) -> Parsed:
         s = self.settings
@@ -181,16 +211,20 @@ class TeacherClient:
             logprobs=s.top_k,
             max_tokens=1,
             temperature=0.0,
-            extra_body=self._id_body(),
+            extra_body={**self._id_body(), **self._sample_body(item)},
         )
-        return parse_completion(json.loads(raw.content), s.top_k, text, self.resolve)
+        body = json.loads(raw.content)
+        parsed = parse_completion(body, s.top_k, text, self.resolve)
+        return with_samples(parsed, completion_samples(body, s.samples, self.resolve))
 
     async def _prompt_logprobs(self, item: WorkItem) -> Parsed:
         s = self.settings
         text = item.prompt_text()
-        extra: dict[str, Any] = {"prompt_logprobs": s.top_k, **self._id_body()}
+        extra: dict[str, Any] = {"prompt_logprobs": s.top_k, **self._id_body(), **self._sample_body(item)}
         # echo + logprobs 0 names the prompt's token ids: prompt_logprobs alone does not name the first token.
         raw = await self.openai.completions.with_raw_response.create(
             model=s.model, prompt=text, echo=True, logprobs=0, max_tokens=1, temperature=0.0, extra_body=extra
         )
-        return parse_prompt_logprobs(json.loads(raw.content), s.top_k, text, self.resolve)
+        body = json.loads(raw.content)
+        parsed = parse_prompt_logprobs(body, s.top_k, text, self.resolve)
+        return with_samples(parsed, prompt_samples(body, s.samples, self.resolve))

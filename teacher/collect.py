@@ -19,9 +19,11 @@ import openai
 from tqdm import tqdm
 
 from storage.records import TeacherVocab, TopKRecord, sample_id
+from teacher.check import describe_error
 from teacher.client import TeacherClient, estimated_tokens, request_params
+from teacher.fragments import FragmentStats, repair, spells
 from teacher.inputs import WorkItem
-from teacher.parsing import Parsed, Resolve, ResponseShapeError, Token
+from teacher.parsing import SENTINEL_LOGPROB, Parsed, Resolve, ResponseShapeError, Token
 from teacher.ratelimit import RateLimiter
 from teacher.secrets import redact
 from teacher.settings import TeacherSettings
@@ -50,25 +52,79 @@ class CollectResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    fragments: FragmentStats = field(default_factory=FragmentStats)  # split characters recovered / marked
 
 
-def _token_id(token: Token, vocab: TeacherVocab) -> int:
-    """The teacher-vocab id of a token: the server's id when it gave one, else assigned from its bytes."""
+def _token_id(token: Token, vocab: TeacherVocab, server_ids: dict[bytes, int] | None) -> int:
+    """The teacher-vocab id of a token: the server's id when it gave one, else assigned from its bytes.
+
+    In an answer whose tokens carry the server's ids (``server_ids``: bytes -> id, from the answer itself), a
+    token without one takes its id from that evidence; an id is never invented beside the server's ids."""
     if token.data is None:
         raise ResponseShapeError(
             f"a token (id {token.id}) came without its bytes (token ids or a lossy token string): "
             "give the teacher's tokenizer (teacher.tokenizer_path) to resolve them"
         )
-    return vocab.add(token.id, token.data) if token.id is not None else vocab.id_of(token.data)
+    if token.id is not None:
+        return vocab.add(token.id, token.data)
+    if server_ids is None:
+        return vocab.id_of(token.data)
+    if token.data in server_ids:
+        return vocab.add(server_ids[token.data], token.data)
+    raise ResponseShapeError(
+        f"token {token.data!r} has no id while the server numbers the others: its id is not in the answer "
+        "(ask with echo + return_tokens_as_token_ids, or give prompt_token_ids); an id is never invented"
+    )
+
+
+def _server_ids(parsed: Parsed) -> dict[bytes, int] | None:
+    """bytes -> id of every token the server numbered, or None when it numbered none."""
+    pairs = {t.data: t.id for t in parsed.tokens if t.id is not None and t.data}
+    pairs.update((c.data, c.id) for row in parsed.candidates for c in row if c.id is not None and c.data)
+    return pairs or None
+
+
+def _record_extras(parsed: Parsed, vocab: TeacherVocab, server_ids: dict[bytes, int] | None) -> dict:
+    """The record's ``token_logprobs`` (the actual token's logprob where its position has a prediction, else
+    NaN) and, when the answer has them, its tail samples (``sample_ids`` / ``sample_counts``)."""
+    n = len(parsed.tokens)
+    known = [
+        bool(c) and t.logprob > SENTINEL_LOGPROB + 0.5
+        for t, c in zip(parsed.tokens, parsed.candidates, strict=True)
+    ]
+    extras: dict = {
+        "token_logprobs": np.array(
+            [t.logprob if k else np.nan for t, k in zip(parsed.tokens, known, strict=True)], np.float32
+        )
+    }
+    if parsed.samples is not None:
+        width = max((len(s[0]) for s in parsed.samples if s is not None), default=0) or 1
+        ids, counts = np.full((n, width), -1, np.int32), np.zeros((n, width), np.int32)
+        for i, position in enumerate(parsed.samples):
+            for j, (token, count) in enumerate(zip(*position, strict=True) if position else ()):
+                ids[i, j], counts[i, j] = _token_id(token, vocab, server_ids), count
+        extras.update(sample_ids=ids, sample_counts=counts)
+    return extras
 
 
 def build_record(
-    parsed: Parsed, prompt: str, split: str, teacher: str, mode: str, params: dict, vocab: TeacherVocab
+    parsed: Parsed,
+    prompt: str,
+    split: str,
+    teacher: str,
+    mode: str,
+    params: dict,
+    vocab: TeacherVocab,
+    stats: FragmentStats | None = None,
 ) -> TopKRecord:
     """A ``TopKRecord`` in teacher-vocab ids from a parsed answer (a varying k padded with -1 / -inf).
 
-    The sample id hashes the prompt (the text, in score mode), the teacher and the request parameters.
+    Tokens the server sent without bytes are recovered from the text or marked (``teacher.fragments``); a
+    record whose tokens do not spell its text raises ``ResponseShapeError`` and is never built. The sample id
+    hashes the prompt (the text, in score mode), the teacher and the request parameters.
     """
+    parsed = repair(parsed, stats)
+    server_ids = _server_ids(parsed)
     n = len(parsed.tokens)
     width = max((len(c) for c in parsed.candidates), default=0) or 1
     ids = np.full((n, width), -1, dtype=np.int32)
@@ -77,12 +133,14 @@ def build_record(
     logits = np.full((n, width), -np.inf, dtype=np.float32) if has_logits else None
     for i, candidates in enumerate(parsed.candidates):
         for j, cand in enumerate(candidates):
-            ids[i, j] = _token_id(cand, vocab)
+            ids[i, j] = _token_id(cand, vocab, server_ids)
             logprobs[i, j] = cand.logprob
             if logits is not None and cand.logit is not None:
                 logits[i, j] = cand.logit
     # After the candidates: a bytes-only token (the first prompt token) then reuses a server-given id.
-    tokens = np.array([_token_id(t, vocab) for t in parsed.tokens], dtype=np.int32)
+    tokens = np.array([_token_id(t, vocab, server_ids) for t in parsed.tokens], dtype=np.int32)
+    if not spells(b"".join(vocab.bytes_of(int(t)) for t in tokens), parsed.text):
+        raise ResponseShapeError("the tokens do not spell the text")
     return TopKRecord(
         sample_id=sample_id(prompt, teacher, params),
         split=split,
@@ -99,11 +157,15 @@ def build_record(
         completion_tokens=parsed.completion_tokens,
         finish_reason=parsed.finish_reason,
         topk_logits=logits,
+        **_record_extras(parsed, vocab, server_ids),
     )
 
 
 def _reason(exc: BaseException, api_key: str | None) -> str:
+    """Why a request failed, naming the URL and the innermost cause for connection and HTTP errors."""
     text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, (openai.APIConnectionError, openai.APIStatusError)):
+        text = describe_error(exc)
     return redact(text, api_key)[:MAX_REASON_CHARS]
 
 
@@ -154,8 +216,9 @@ async def collect_async(
             try:
                 parsed = await client.ask(item)
                 record = build_record(
-                    parsed, item.prompt_text(), item.split, settings.model, settings.mode, params, vocab
-                )
+                    parsed, item.prompt_text(), item.split, settings.model, settings.mode, params, vocab,
+                    result.fragments,
+                )  # fmt: skip
             except (openai.OpenAIError, ResponseShapeError, ValueError) as exc:
                 failure = Failure(sid, item.prompt_text()[:200], _reason(exc, api_key))
                 result.failures.append(failure)

@@ -9,7 +9,10 @@
   generated is ``tokens[i]`` when given, else the candidate that continues the generated text (``generated_text``
   or ``tgt``), else the most likely one.
 
-Every malformed line raises ``InputError`` naming ``file:line``.
+Without the Batch input file the prompts are unknown: records are then stored completion-only (empty prompt,
+``params["prompt"] = "unknown"``, the sample id hashed from the custom_id); a prompt is never invented.
+Log-probabilities must be <= 0 (``teacher.parsing.check_logprob``). Every malformed line raises ``InputError``
+naming ``file:line`` and what was expected, never a bare traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +26,17 @@ from typing import Any
 from storage.records import TeacherVocab, TopKRecord
 from teacher.collect import build_record
 from teacher.inputs import InputError, decode_json_line, item_from_object
-from teacher.parsing import Parsed, ResponseShapeError, Token, decode_token_string, parse_chat, top_k
+from teacher.parsing import (
+    Parsed,
+    ResponseShapeError,
+    Token,
+    check_logprob,
+    decode_token_string,
+    parse_chat,
+    top_k,
+)
+
+MALFORMED = (ResponseShapeError, ValueError, TypeError, KeyError, AttributeError, IndexError)
 
 FORMATS = ("openai-batch", "metaseq")
 
@@ -65,27 +78,43 @@ def import_openai_batch(
             raise InputError(f"{where}: expected an object with a string 'custom_id'")
         custom_id = obj["custom_id"]
         response = obj.get("response")
+        body = response.get("body") if isinstance(response, dict) else None
         if obj.get("error") or not isinstance(response, dict) or response.get("status_code") != 200:
-            error = obj.get("error") or (response or {}).get("body", {}).get("error")
+            error = obj.get("error") or (body.get("error") if isinstance(body, dict) else None)
             yield custom_id, f"batch request failed: {json.dumps(error)[:300]}"
             continue
+        if not isinstance(body, dict):
+            raise InputError(f"{where}: expected 'response.body' as a chat completion object, got {body!r}")
         if requests is not None and custom_id not in prompts:
             raise InputError(f"{where}: custom_id {custom_id!r} is not in {requests}")
-        prompt, request = prompts.get(custom_id, ("", {}))
-        body = response.get("body")
-        k = int(request.get("top_logprobs") or 20)
         try:
-            parsed = parse_chat(body, k)
-            params = {
-                "mode": "generate", "api": "chat", "top_k": k, "source": "openai-batch",
-                "temperature": request.get("temperature", 1.0),
-                "max_tokens": request.get("max_tokens", request.get("max_completion_tokens")),
-            }  # fmt: skip
-            model = body.get("model") or request.get("model") or "openai"
-            key = prompt or custom_id
-            yield build_record(parsed, key, split, model, "generate", params, vocab)
-        except (ResponseShapeError, ValueError) as exc:
+            yield _batch_record(body, custom_id, prompts.get(custom_id), split, vocab)
+        except MALFORMED as exc:
             raise InputError(f"{where}: {exc}") from None
+
+
+def _batch_record(
+    body: dict, custom_id: str, known: tuple[str, dict] | None, split: str, vocab: TeacherVocab
+) -> TopKRecord:
+    prompt, request = known if known is not None else ("", {})
+    k = int(request.get("top_logprobs") or 20)
+    parsed = parse_chat(body, k)
+    params = {
+        "mode": "generate", "api": "chat", "top_k": k, "source": "openai-batch",
+        "temperature": request.get("temperature", 1.0),
+        "max_tokens": request.get("max_tokens", request.get("max_completion_tokens")),
+    }  # fmt: skip
+    if known is None:
+        params["prompt"] = "unknown"
+    model = body.get("model") or request.get("model") or "openai"
+    key = prompt if known is not None else f"openai-batch custom_id {custom_id}"
+    record = build_record(parsed, key, split, model, "generate", params, vocab)
+    if known is None:
+        record.prompt = ""  # unknown without the Batch input file: the key only names the sample
+    created = body.get("created")
+    if isinstance(created, (int, float)) and not isinstance(created, bool):
+        record.created_at = float(created)  # the answer's time: a re-import is the same record
+    return record
 
 
 def _metaseq_position(entry: Any, where: str) -> list[Token]:
@@ -93,17 +122,32 @@ def _metaseq_position(entry: Any, where: str) -> list[Token]:
         raise InputError(f"{where}: expected an object {{token_text: {{token_id, logprob_score}}}}")
     out = []
     for text, value in entry.items():
+        at = f"{where}[{text!r}]"
+        expected = "expected {'token_id': int, 'logprob_score': a number <= 0}"
         if not isinstance(value, dict) or "logprob_score" not in value:
-            raise InputError(f"{where}[{text!r}]: expected {{'token_id': int, 'logprob_score': float}}")
-        data, _ = decode_token_string(text)
-        token_id = value.get("token_id")
-        out.append(Token(data, None if token_id is None else int(token_id), float(value["logprob_score"])))
+            raise InputError(f"{at}: {expected}")
+        score, token_id = value["logprob_score"], value.get("token_id")
+        if isinstance(score, bool) or not isinstance(score, (int, float)):
+            raise InputError(f"{at}: {expected}, got logprob_score {score!r}")
+        if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int)):
+            raise InputError(f"{at}: {expected}, got token_id {token_id!r}")
+        try:
+            data, _ = decode_token_string(text)
+            logprob = check_logprob(float(score), "logprob_score")
+        except ResponseShapeError as exc:
+            raise InputError(f"{at}: {exc}") from None
+        out.append(Token(data, token_id, logprob))
     return out
 
 
-def _pick_actual(candidates: list[Token], rest: bytes | None, wanted: str | None, where: str) -> Token:
+def _pick_actual(candidates: list[Token], rest: bytes | None, wanted: Any, where: str) -> Token:
     if wanted is not None:
-        data = decode_token_string(wanted)[0]
+        if not isinstance(wanted, str):
+            raise InputError(f"{where}: expected the generated token as a string, got {wanted!r}")
+        try:
+            data = decode_token_string(wanted)[0]
+        except ResponseShapeError as exc:
+            raise InputError(f"{where}: {exc}") from None
         for c in candidates:
             if c.data == data:
                 return c
@@ -153,7 +197,7 @@ def metaseq_record(obj: Any, where: str, teacher: str, vocab: TeacherVocab, spli
         return build_record(
             Parsed(text, tokens, candidates), prompt, split, teacher, "generate", params, vocab
         )
-    except (ResponseShapeError, ValueError) as exc:
+    except MALFORMED as exc:
         raise InputError(f"{where}: {exc}") from None
 
 

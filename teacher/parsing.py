@@ -21,17 +21,26 @@ entries is fine (k varies per position).
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 SENTINEL_LOGPROB = -9999.0
 Resolve = Callable[[int], bytes]
+Samples = tuple[list["Token"], list[int]]  # distinct tail samples of one position and the draws of each
 
 
 class ResponseShapeError(ValueError):
     """A response body that does not have the documented shape; the message names the field."""
+
+
+class ShiftedScoresError(ResponseShapeError):
+    """The server's echo-mode scores are one position late: its own evidence (usage, text_offset) says so."""
+
+
+LOGPROB_TOLERANCE = 1e-4  # a logprob above 0 by at most this much is rounding, stored as 0
 
 
 @dataclass(frozen=True)
@@ -48,7 +57,9 @@ class Token:
 class Parsed:
     """The teacher's answer for one sample, before teacher-vocab ids are assigned.
 
-    ``tokens[i]`` is the i-th token of ``text``; ``candidates[i]`` its top-k (sorted by decreasing logprob).
+    ``tokens[i]`` is the i-th token of ``text``; ``candidates[i]`` its top-k (sorted by decreasing logprob);
+    ``samples[i]`` its tail samples (the local teacher's ``return_samples``: distinct tokens and their counts),
+    None where the position has none; ``samples`` is None when they were not asked for.
     """
 
     text: str
@@ -57,6 +68,7 @@ class Parsed:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    samples: list[Samples | None] | None = None
 
 
 def decode_token_string(token: str) -> tuple[bytes | None, int | None]:
@@ -75,7 +87,7 @@ def decode_token_string(token: str) -> tuple[bytes | None, int | None]:
             return ast.literal_eval(f"b'{escapes}'"), None
         except (ValueError, SyntaxError):
             raise ResponseShapeError(f"token {token!r}: 'bytes:' not followed by \\xNN escapes") from None
-    if "\ufffd" in token:
+    if "\ufffd" in token or token == "":  # lossy, or a fragment / over-long token sent as ""
         return None, None
     return token.encode("utf-8"), None
 
@@ -102,6 +114,17 @@ def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise ResponseShapeError(f"{where}: expected a number, got {value!r}")
     return float(value)
+
+
+def check_logprob(value: float, where: str) -> float:
+    """A logprob as stored: finite and <= 0 (up to rounding), or the ``-9999`` sentinel / ``-inf`` (no entry)."""
+    if math.isnan(value) or value == math.inf or value > LOGPROB_TOLERANCE:
+        raise ResponseShapeError(f"{where}: a log-probability must be <= 0 and not NaN, got {value!r}")
+    return min(value, 0.0)
+
+
+def _logprob(value: Any, where: str) -> float:
+    return check_logprob(_number(value, where), where)
 
 
 def _field(obj: Any, key: str, where: str) -> Any:
@@ -146,9 +169,13 @@ def _chat_token(item: Any, where: str, resolve: Resolve | None, logit: float | N
     token = _field(item, "token", where)
     if not isinstance(token, str):
         raise ResponseShapeError(f"{where}.token: expected a string")
-    logprob = _number(_field(item, "logprob", where), f"{where}.logprob")
+    logprob = _logprob(_field(item, "logprob", where), f"{where}.logprob")
     raw = item.get("bytes")
     data = None
+    if raw is None and "bytes" in item and token.strip(" ") == "":
+        return Token(
+            None, None, logprob, logit
+        )  # a fragment of a character (or a long token) sent as "" / " "
     if raw is not None:
         try:
             data = bytes(_list(raw, f"{where}.bytes"))
@@ -211,7 +238,7 @@ def _completion_tokens(
     for i, (name, value, top, top_logits) in enumerate(zip(names, values, tops, logits, strict=True)):
         if not isinstance(name, str):
             raise ResponseShapeError(f"{where}.tokens[{i}]: expected a string")
-        logprob = _optional_number(value, f"{where}.token_logprobs[{i}]")
+        logprob = None if value is None else _logprob(value, f"{where}.token_logprobs[{i}]")
         tokens.append(make_token(name, SENTINEL_LOGPROB if logprob is None else logprob, resolve))
         if top is None:
             candidates.append([])
@@ -220,7 +247,7 @@ def _completion_tokens(
             raise ResponseShapeError(f"{where}.top_logprobs[{i}]: expected an object or null")
         entries = [
             make_token(
-                t, _number(lp, f"{where}.top_logprobs[{i}][{t!r}]"), resolve,
+                t, _logprob(lp, f"{where}.top_logprobs[{i}][{t!r}]"), resolve,
                 logit=None if top_logits is None else _optional_number(top_logits.get(t), f"{where}.top_logits[{i}]"),
             )
             for t, lp in top.items()
@@ -229,12 +256,18 @@ def _completion_tokens(
     return tokens, candidates
 
 
-def _prompt_length(tokens: list[Token], prompt: str) -> int:
-    """How many leading tokens spell exactly the prompt's bytes (echo puts the completion after them)."""
+def _prompt_length(tokens: list[Token], prompt: str, offsets: list | None, usage_prompt: int) -> int:
+    """How many leading tokens are the prompt's (echo puts the completion after them): the tokens that start
+    before the prompt's end by ``text_offset`` (characters), else the usage's count when a token's bytes are
+    unknown, else the tokens spelling exactly the prompt's bytes."""
+    if offsets is not None:
+        return sum(1 for offset in offsets if offset < len(prompt))
     target, total = len(prompt.encode("utf-8")), 0
     for i, token in enumerate(tokens):
         if total == target:
             return i
+        if token.data is None and token.id is None and 0 < usage_prompt <= len(tokens):
+            return usage_prompt
         if token.data is None:
             raise ResponseShapeError(
                 f"choices[0].logprobs.tokens[{i}]: the token's bytes are unknown (a lossy token string): ask for "
@@ -246,6 +279,39 @@ def _prompt_length(tokens: list[Token], prompt: str) -> int:
     raise ResponseShapeError(
         f"choices[0].logprobs.tokens: the echoed tokens do not spell the prompt ({total} vs {target} bytes)"
     )
+
+
+def _offsets(logprobs: dict, n: int) -> list[int] | None:
+    raw = logprobs.get("text_offset")
+    if raw is None:
+        return None
+    where = "choices[0].logprobs.text_offset"
+    if not isinstance(raw, list) or len(raw) != n or not all(isinstance(o, int) for o in raw):
+        raise ResponseShapeError(f"{where}: expected {n} integer character offsets, one per token")
+    if any(b < a for a, b in itertools.pairwise(raw)) or (raw and raw[0] != 0):
+        raise ResponseShapeError(f"{where}: offsets must start at 0 and never decrease, got {raw[:8]}...")
+    return raw
+
+
+def check_echo_alignment(body: dict, tokens: list[Token], offsets: list[int] | None, text: Any) -> None:
+    """Refuse an echo answer whose scores are shifted by one position, from the answer's own evidence: more
+    tokens than ``usage`` accounts for, or a token listed at or after the end of the echoed text."""
+    prompt_tokens, completion_tokens = _usage(body)
+    accounted, n_tokens = prompt_tokens + completion_tokens, len(tokens)
+    if prompt_tokens and n_tokens != accounted:
+        raise ShiftedScoresError(
+            f"the server listed {n_tokens} echoed tokens but its usage accounts for {accounted} "
+            f"({prompt_tokens} prompt + {completion_tokens} completion): this server returns echo-mode "
+            "prompt logprobs one position late; its scores cannot be used (use score_api = 'prompt_logprobs' "
+            "or another server)"
+        )
+    last_spells_text = bool(tokens and tokens[-1].data)
+    if offsets and isinstance(text, str) and last_spells_text and offsets[-1] >= len(text):
+        raise ShiftedScoresError(
+            f"choices[0].logprobs.text_offset: token {len(offsets) - 1} starts at character {offsets[-1]}, "
+            f"at or after the end of the {len(text)}-character text: this server lists one token too many in "
+            "echo mode (its prompt logprobs are one position late); its scores cannot be used"
+        )
 
 
 def parse_completion(
@@ -267,7 +333,9 @@ def parse_completion(
         if not isinstance(text, str):
             raise ResponseShapeError("choices[0].text: expected a string")
         return Parsed(text, tokens, candidates, choice.get("finish_reason"), prompt_tokens, completion_tokens)
-    n = _prompt_length(tokens, echo_prompt)
+    offsets = _offsets(logprobs, len(tokens))
+    check_echo_alignment(body, tokens, offsets, choice.get("text"))
+    n = _prompt_length(tokens, echo_prompt, offsets, prompt_tokens)
     return Parsed(echo_prompt, tokens[:n], candidates[:n], None, prompt_tokens, 0)
 
 
@@ -285,7 +353,7 @@ def _prompt_entries(
             token_id = int(key)
         except ValueError:
             raise ResponseShapeError(f"{where}: key {key!r} is not a token id") from None
-        logprob = _number(_field(entry, "logprob", f"{where}[{key}]"), f"{where}[{key}].logprob")
+        logprob = _logprob(_field(entry, "logprob", f"{where}[{key}]"), f"{where}[{key}].logprob")
         decoded = entry.get("decoded_token")
         logit = _optional_number(entry.get("logit"), f"{where}[{key}].logit")
         token = make_token(
@@ -379,3 +447,72 @@ def parse_prompt_logprobs(body: Any, k: int, prompt: str, resolve: Resolve | Non
         raise ResponseShapeError("choices[0].prompt_logprobs: the prompt tokens do not spell the prompt")
     prompt_tokens, _ = _usage(body)
     return Parsed(prompt, tokens, candidates, None, prompt_tokens, 0)
+
+
+# ---- the local teacher's return_samples extension ------------------------------------------------------------
+
+
+def _position_samples(raw: Any, where: str, draws: int, resolve: Resolve | None) -> Samples | None:
+    """One position's ``{"ids": [...], "counts": [...]}`` (or null) as tokens and counts summing to ``draws``."""
+    if raw is None:
+        return None
+    ids = _list(_field(raw, "ids", where), f"{where}.ids")
+    counts = _list(_field(raw, "counts", where), f"{where}.counts")
+    if len(ids) != len(counts):
+        raise ResponseShapeError(f"{where}: {len(ids)} ids for {len(counts)} counts")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in [*ids, *counts]):
+        raise ResponseShapeError(f"{where}: ids and counts must be non-negative integers")
+    if ids and sum(counts) != draws:
+        raise ResponseShapeError(f"{where}: counts sum to {sum(counts)}, expected {draws} draws")
+    tokens = [Token(resolve(i) if resolve is not None else None, i, math.nan) for i in ids]
+    return tokens, [int(c) for c in counts]
+
+
+def _samples_list(raw: Any, where: str, draws: int, resolve: Resolve | None) -> list[Samples | None]:
+    if raw is None:
+        raise ResponseShapeError(f"{where}: missing (does the server support return_samples?)")
+    return [_position_samples(r, f"{where}[{i}]", draws, resolve) for i, r in enumerate(_list(raw, where))]
+
+
+def completion_samples(body: Any, draws: int, resolve: Resolve | None) -> list[Samples | None] | None:
+    """Legacy completions' ``logprobs.samples`` (aligned with ``logprobs.tokens``); None when ``draws`` is 0."""
+    if not draws:
+        return None
+    logprobs = _first_choice(body).get("logprobs")
+    raw = logprobs.get("samples") if isinstance(logprobs, dict) else None
+    return _samples_list(raw, "choices[0].logprobs.samples", draws, resolve)
+
+
+def prompt_samples(body: Any, draws: int, resolve: Resolve | None) -> list[Samples | None] | None:
+    """``choices[0].prompt_samples`` (aligned with ``prompt_logprobs``); None when ``draws`` is 0."""
+    if not draws:
+        return None
+    raw = _first_choice(body).get("prompt_samples")
+    return _samples_list(raw, "choices[0].prompt_samples", draws, resolve)
+
+
+def chat_samples(body: Any, draws: int, resolve: Resolve | None) -> list[Samples | None] | None:
+    """Each chat ``content`` entry's ``samples``; None when ``draws`` is 0."""
+    if not draws:
+        return None
+    logprobs = _first_choice(body).get("logprobs")
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    where = "choices[0].logprobs.content"
+    out = []
+    for i, entry in enumerate(_list(content, where)):
+        if not isinstance(entry, dict) or "samples" not in entry:
+            raise ResponseShapeError(
+                f"{where}[{i}].samples: missing (does the server support return_samples?)"
+            )
+        out.append(_position_samples(entry["samples"], f"{where}[{i}].samples", draws, resolve))
+    return out
+
+
+def with_samples(parsed: Parsed, samples: list[Samples | None] | None) -> Parsed:
+    """``parsed`` with the samples of its positions (a list aligned with the answer's tokens, which may run
+    past them: echo's completion token)."""
+    if samples is None:
+        return parsed
+    if len(samples) < len(parsed.tokens):
+        raise ResponseShapeError(f"samples: {len(samples)} positions for {len(parsed.tokens)} tokens")
+    return replace(parsed, samples=samples[: len(parsed.tokens)])

@@ -3,6 +3,8 @@
 Command line::
 
     python -m teacher.server --checkpoint DIR [--tokenizer tokenizer.json] [options]
+    python -m teacher.server --hf DIR [options]            # a Hugging Face LlamaForCausalLM directory
+    python -m teacher.server --gguf FILE [options]         # a Llama-family GGUF (converted once, cached)
     python -m teacher.server --random-init --tokenizer tokenizer.json [--model-json '{"num_layers": 2, ...}']
                              [--seed 0] [options]
 
@@ -28,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import hashlib
 import logging
 import os
 import re
@@ -40,14 +44,19 @@ import threading
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from student.settings import ModelSettings
 from teacher.settings import LocalTeacherSettings
+
+if TYPE_CHECKING:
+    from student.inference import InferenceModel
+    from student.tokenizer import StudentTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +79,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m teacher.server", description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="checkpoint directory written by student.checkpoint")
+    source.add_argument(
+        "--hf", type=Path, help="Hugging Face LlamaForCausalLM directory (config.json + safetensors)"
+    )
+    source.add_argument("--gguf", type=Path, help="Llama-family GGUF file (dequantized once, cached)")
     source.add_argument("--random-init", action="store_true", help="serve a seeded untrained model")
     p.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the checkpoint's own)")
     p.add_argument("--model-json", default="{}", help="ModelSettings as JSON (with --random-init)")
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="where --gguf conversions are kept (default: ~/.cache)"
+    )
     p.add_argument("--seed", type=int, default=0, help="weight seed (with --random-init)")
     p.add_argument("--host", default=defaults.host)
     p.add_argument("--port", type=int, default=defaults.port)
@@ -85,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=defaults.max_model_len)
     p.add_argument("--threads", type=int, default=defaults.threads, help="torch intra-op threads")
     p.add_argument("--log-level", default="warning")
+    p.add_argument(
+        "--simulate-shifted-echo", action="store_true", help="tests: answer echo scores one position late"
+    )
     p.add_argument(
         "--parent-pid", type=int, default=None, help="stop when this process exits (the starter's own pid)"
     )
@@ -120,6 +139,43 @@ def _watch_parent(parent_pid: int, interval_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _load_model(args: argparse.Namespace) -> InferenceModel:
+    """The served model at TP=1, from whichever source the command line names."""
+    from student.inference import InferenceModel
+    from student.tokenizer import StudentTokenizer
+
+    if args.checkpoint is not None:
+        return InferenceModel.from_checkpoint(args.checkpoint, args.tokenizer)
+    if args.hf is not None or args.gguf is not None:
+        directory = args.hf if args.hf is not None else cached_gguf_conversion(args.gguf, args.cache_dir)
+        return InferenceModel.from_hf(directory, args.tokenizer)
+    settings = ModelSettings.model_validate_json(args.model_json)
+    return InferenceModel.random_init(settings, StudentTokenizer.load(args.tokenizer), args.seed)
+
+
+def _chat_template(tokenizer: StudentTokenizer) -> Callable[[list[dict[str, str]]], str] | None:
+    """The tokenizer's own chat template, ending where the assistant's reply begins (None: it has none)."""
+    if tokenizer.chat_template is None:
+        return None
+    return functools.partial(tokenizer.render_chat, add_generation_prompt=True)
+
+
+def cached_gguf_conversion(gguf: Path, cache_dir: Path | None = None) -> Path:
+    """The Hugging Face directory converted from ``gguf``, made once per file (path, size, mtime) and reused.
+
+    The pipeline converts in its own cached stage (keyed by content); this cache serves the command line."""
+    from student.gguf_import import convert_gguf
+
+    stat = gguf.resolve().stat()
+    identity = f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    root = cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "topk-distill"
+    target = root / "gguf" / hashlib.sha256(identity).hexdigest()[:16]
+    if not (target / "config.json").is_file():
+        log.warning("converting %s to a Hugging Face directory in %s (once)", gguf, target)
+        convert_gguf(gguf, target)
+    return target
+
+
 def serve(args: argparse.Namespace) -> None:
     """Load the model, then serve until SIGTERM/SIGINT (or until ``--parent-pid`` exits)."""
     if args.parent_pid is not None:
@@ -129,19 +185,13 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from student.distributed import init_distributed, teardown
-    from student.inference import InferenceModel
-    from student.tokenizer import StudentTokenizer
     from teacher.server_app import TeacherAPI, create_app
     from teacher.server_batching import BatchingEngine
 
     torch.set_num_threads(args.threads)
     init_distributed(tp=1)
     try:
-        if args.checkpoint is not None:
-            model = InferenceModel.from_checkpoint(args.checkpoint, args.tokenizer)
-        else:
-            settings = ModelSettings.model_validate_json(args.model_json)
-            model = InferenceModel.random_init(settings, StudentTokenizer.load(args.tokenizer), args.seed)
+        model = _load_model(args)
         engine = BatchingEngine(model.decoder(), args.max_batch_size, args.batch_wait_ms)
         api = TeacherAPI(
             engine,
@@ -152,6 +202,8 @@ def serve(args: argparse.Namespace) -> None:
             max_model_len=args.max_model_len or model.max_length,
             max_logprobs=args.max_logprobs,
             inject_latency_ms=args.inject_latency_ms,
+            shifted_echo=args.simulate_shifted_echo,
+            chat_template=_chat_template(model.tokenizer),
         )
         api_key = os.environ[args.api_key_env] if args.api_key_env else None
         app = create_app(api, api_key)
@@ -205,6 +257,13 @@ def _stop(proc: subprocess.Popen, grace_s: float = 15) -> None:
             proc.wait()
 
 
+def checkpoint_flag(path: Path) -> str:
+    """The command-line flag that serves ``path``: a GGUF file, a Hugging Face directory or a project checkpoint."""
+    if path.is_file() and path.suffix == ".gguf":
+        return "--gguf"
+    return "--hf" if (path / "config.json").is_file() else "--checkpoint"
+
+
 def server_command(
     settings: LocalTeacherSettings,
     checkpoint: Path | None = None,
@@ -218,7 +277,7 @@ def server_command(
         raise ValueError("give exactly one of checkpoint and random_init")
     cmd = [sys.executable, "-m", "teacher.server"]
     if checkpoint is not None:
-        cmd += ["--checkpoint", str(checkpoint)]
+        cmd += [checkpoint_flag(checkpoint), str(checkpoint)]
     else:
         cmd += ["--random-init", "--model-json", random_init.model_dump_json(), "--seed", str(seed)]
     if tokenizer is not None:

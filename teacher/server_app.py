@@ -28,13 +28,23 @@ first prompt position is null), and these extensions:
   ``logprobs.top_logits`` (per position a dict token -> logit, the same keys as ``top_logprobs``); chat adds
   to each ``content`` entry ``"logit"`` and ``"top_logits": [{"token", "logit", "bytes"}]`` in the order of
   ``top_logprobs``; ``prompt_logprobs`` entries gain ``"logit"``.
+- ``return_samples`` (int S, this server; optional ``sample_seed`` makes them reproducible): at every reported
+  position, S tokens drawn with replacement from the reported distribution (temperature 1) restricted to
+  outside that position's top-k (the ``logprobs`` / ``prompt_logprobs`` k), given as
+  ``{"ids": [teacher ids, ascending], "counts": [draws of each]}`` (empty lists where the top-k holds all the
+  mass; see ``student.generation``). Legacy completions add ``logprobs.samples`` (a list aligned with
+  ``tokens``, null where ``top_logprobs`` is), ``prompt_logprobs`` adds ``prompt_samples`` beside it (aligned,
+  first null), chat adds ``"samples"`` to each ``content`` entry. ``top_logprobs + r · count / S`` on the
+  samples (``r`` = 1 − the top-k mass) is an unbiased estimate of the full distribution.
 
 Chat (``/v1/chat/completions``): ``messages`` rendered with the chat template below, ``max_tokens`` /
 ``max_completion_tokens`` (default: the rest of the context), ``logprobs`` (bool) and ``top_logprobs``
 (0..20), content entries ``{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}`` as OpenAI
 returns them; ``prompt_logprobs`` (vLLM) appears at the top level of the response.
 
-Chat template (plain text, no special tokens): each message becomes ``"<|ROLE|>\\nCONTENT\\n"`` (ROLE is
+Chat template: the served model's own (its tokenizer's ``chat_template``, a Jinja template rendered as
+``transformers`` does, e.g. SmolLM2's ``<|im_start|>ROLE\nCONTENT<|im_end|>``); a model without one uses
+this plain-text template (no special tokens): each message becomes ``"<|ROLE|>\\nCONTENT\\n"`` (ROLE is
 ``system``, ``developer``, ``user`` or ``assistant``; content is a string or a list of ``{"type": "text"}``
 parts), followed by ``"<|assistant|>\\n"`` where the reply begins. Generation stops only at ``stop`` or
 ``max_tokens``; pass ``stop=["<|"]`` to end at the next role marker.
@@ -60,6 +70,7 @@ from student.generation import Completion, PositionReport, SamplingParams, chars
 from teacher.server_batching import BatchingEngine
 
 log = logging.getLogger(__name__)
+MAX_SAMPLES = 1024  # return_samples per position
 
 
 class APIError(Exception):
@@ -94,6 +105,8 @@ class _Body(BaseModel):
     prompt_logprobs: int | None = Field(None, ge=0)
     return_tokens_as_token_ids: bool = False
     return_logits: bool = False
+    return_samples: int = Field(0, ge=0, le=MAX_SAMPLES)
+    sample_seed: int | None = None
 
 
 class CompletionBody(_Body):
@@ -118,9 +131,9 @@ class ChatBody(_Body):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-def render_chat(messages: list[ChatMessage]) -> str:
-    """The chat template of the module docstring."""
-    parts = []
+def plain_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """``[{"role", "content"}]`` with text content (a list of text parts joined); other parts are a 400."""
+    plain = []
     for i, message in enumerate(messages):
         if isinstance(message.content, str):
             content = message.content
@@ -131,8 +144,18 @@ def render_chat(messages: list[ChatMessage]) -> str:
                     raise APIError(400, "only text content parts are supported", f"messages[{i}].content")
                 texts.append(part["text"])
             content = "".join(texts)
-        parts.append(f"<|{message.role}|>\n{content}\n")
-    return "".join(parts) + "<|assistant|>\n"
+        plain.append({"role": message.role, "content": content})
+    return plain
+
+
+def render_chat(messages: list[dict[str, str]]) -> str:
+    """The plain chat template of the module docstring."""
+    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
+
+
+def samples_list(reports: list[PositionReport | None]) -> list[dict | None]:
+    """The ``return_samples`` extension's per-position objects (see the module docstring)."""
+    return [None if r is None else {"ids": r.sample_ids, "counts": r.sample_counts} for r in reports]
 
 
 class TeacherAPI:
@@ -148,14 +171,22 @@ class TeacherAPI:
         max_model_len: int,
         max_logprobs: int = 20,
         inject_latency_ms: float = 0.0,
+        chat_template: Callable[[list[dict[str, str]]], str] | None = None,
+        shifted_echo: bool = False,
     ) -> None:
         self.engine, self.encode, self.token_bytes = engine, encode, token_bytes
+        self.shifted_echo = shifted_echo  # simulate servers whose echo scores are one position late (tests)
+        self.chat_template = chat_template
         self.vocab_size, self.model_name = vocab_size, model_name
         self.max_model_len, self.max_logprobs = max_model_len, max_logprobs
         self.inject_latency_s = inject_latency_ms / 1000
         self.created = int(time.time())
 
     # ---- request side -------------------------------------------------------------------------------
+    def render(self, messages: list[ChatMessage]) -> str:
+        """The model's own chat template when its tokenizer has one, else the plain template."""
+        return (self.chat_template or render_chat)(plain_messages(messages))
+
     def check_model(self, name: str) -> None:
         if name != self.model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
@@ -196,6 +227,8 @@ class TeacherAPI:
                 stop=stop,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_k,
+                samples=body.return_samples,
+                sample_seed=body.sample_seed,
             )
         except ValueError as err:
             raise APIError(400, str(err)) from None
@@ -271,11 +304,17 @@ class TeacherAPI:
             if body.echo:
                 tokens = c.prompt + tokens
                 reports = list(c.prompt_reports or []) + reports
+                if self.shifted_echo:  # one token more than usage counts, every score one position late
+                    tokens, reports = tokens + tokens[-1:], [None, *reports]
             choice["logprobs"] = self.legacy_logprobs(tokens, reports, k, as_ids, body.return_logits)
+            if body.return_samples:
+                choice["logprobs"]["samples"] = samples_list(reports)
         if body.prompt_logprobs is not None:
             choice["prompt_logprobs"] = self.vllm_prompt_logprobs(
                 c.prompt_reports or [], body.prompt_logprobs, as_ids, body.return_logits
             )
+            if body.return_samples:
+                choice["prompt_samples"] = samples_list(c.prompt_reports or [])
         return choice
 
     def chat_entry(self, token: int, report: PositionReport, k: int, as_ids: bool, logits: bool) -> dict:
@@ -335,7 +374,7 @@ class TeacherAPI:
         self.check_k(body.prompt_logprobs, "prompt_logprobs")
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs to be true", "top_logprobs")
-        ids = self.prompt_ids(render_chat(body.messages), 0)
+        ids = self.prompt_ids(self.render(body.messages), 0)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = self.max_model_len - len(ids) if limit is None else limit
         k = (body.top_logprobs or 0) if body.logprobs else None
@@ -348,6 +387,7 @@ class TeacherAPI:
             logprobs = {
                 "content": [
                     self.chat_entry(t, r, k, as_ids, body.return_logits)
+                    | ({"samples": samples_list([r])[0]} if body.return_samples else {})
                     for t, r in zip(c.tokens, c.reports or [], strict=True)
                 ],
                 "refusal": None,
@@ -371,6 +411,8 @@ class TeacherAPI:
             response["prompt_logprobs"] = self.vllm_prompt_logprobs(
                 c.prompt_reports or [], body.prompt_logprobs, as_ids, body.return_logits
             )
+            if body.return_samples:
+                response["prompt_samples"] = samples_list(c.prompt_reports or [])
         return response, batch
 
     def models(self) -> dict:

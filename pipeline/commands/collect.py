@@ -10,9 +10,10 @@ from urllib.parse import urlparse
 
 from pipeline.cli import UserError
 from pipeline.config import DistillConfig, load_config
-from storage.catalog import Catalog
+from storage.catalog import Catalog, record_shape
 from storage.records import TeacherVocab, TopKRecord
 from storage.shards import ShardWriter
+from teacher.check import TeacherUnreachable, reachable
 from teacher.client import request_params
 from teacher.collect import collect
 from teacher.importers import FORMATS, import_metaseq, import_openai_batch
@@ -53,12 +54,18 @@ def _collect(args: argparse.Namespace) -> int:
     except SecretError as exc:
         raise UserError(str(exc)) from None
     install_redaction(api_key)
+    if api_key is None:
+        log.warning("no API key (%s is unset): asking %s without one", settings.api_key_env, base_url)
     stats = ReadStats()
     try:
         items = list(read_inputs(paths, config.corpus.chunk_chars, settings.on_bad_line, stats))
         if args.limit:
             items = items[: args.limit]
     except InputError as exc:
+        raise UserError(str(exc)) from None
+    try:  # one cheap request before fanning out: an unreachable teacher fails in seconds, not per prompt
+        reachable(base_url, api_key)
+    except TeacherUnreachable as exc:
         raise UserError(str(exc)) from None
     data_dir = config.storage.data_dir
     with Catalog(data_dir) as catalog:
@@ -77,6 +84,7 @@ def _collect(args: argparse.Namespace) -> int:
         f"skipped input lines {len(stats.skipped_lines)}; usage: {result.prompt_tokens} prompt + "
         f"{result.completion_tokens} completion tokens in {result.seconds:.1f}s"
     )
+    print(result.fragments.render())
     for failure in result.failures:
         print(f"failed {failure.sample_id}: {failure.reason}")
     return 1 if result.failures else 0
@@ -104,17 +112,31 @@ def _import(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     vocab = TeacherVocab()
     failures: list[tuple[str, str]] = []
-    count = 0
-    with Catalog(data_dir) as catalog, ShardWriter(data_dir, storage, catalog) as writer:
-        for path in paths:
-            for item in _import_source(args, path, vocab):
-                if isinstance(item, TopKRecord):
-                    writer([item], vocab)
-                    count += 1
-                else:
-                    failures.append(item)
+    count = already = completion_only = 0
+    with Catalog(data_dir) as catalog:
+        stored = catalog.stored_shapes()
+        with ShardWriter(data_dir, storage, catalog) as writer:
+            for path in paths:
+                for item in _import_source(args, path, vocab):
+                    if not isinstance(item, TopKRecord):
+                        failures.append(item)
+                    elif stored.get(item.sample_id) == record_shape(item):
+                        already += 1  # imported before: the same sample with the same content
+                    else:
+                        writer([item], vocab)
+                        stored[item.sample_id] = record_shape(item)
+                        count += 1
+                        completion_only += item.params.get("prompt") == "unknown"
         catalog.record_failures(failures)
-    print(f"imported {count} records into {data_dir}; {len(failures)} failed requests recorded")
+    print(
+        f"imported {count} records into {data_dir} ({already} already stored); "
+        f"{len(failures)} failed requests recorded"
+    )
+    if completion_only:
+        print(
+            f"{completion_only} records stored completion-only: without --requests their prompts are unknown "
+            "(not invented); give the batch's input file to store them"
+        )
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipeline.config import DistillConfig, load_config
 from pipeline.errors import UserError
-from storage.catalog import CATALOG_FILE, Catalog
+from storage.catalog import CATALOG_FILE, Catalog, CatalogLocked
 from storage.records import SPLITS
 from storage.schema import ShardError
 from storage.snapshot import create_snapshot
@@ -16,7 +16,8 @@ from storage.snapshot import create_snapshot
 def _data_dir(args: argparse.Namespace) -> Path:
     if args.data_dir:
         return Path(args.data_dir)
-    config = load_config(args.config) if args.config else DistillConfig()
+    config_path = args.config or args.config_option
+    config = load_config(config_path) if config_path else DistillConfig()
     return config.storage.data_dir
 
 
@@ -26,12 +27,20 @@ def _stats(args: argparse.Namespace) -> int:
         raise FileNotFoundError(
             f"{data_dir / CATALOG_FILE}: no catalog here (run `distill data reindex --data-dir {data_dir}`)"
         )
+    note = None
     try:
-        with Catalog(data_dir, read_only=True) as catalog:
-            stats = catalog.stats()
+        try:
+            with Catalog(data_dir, read_only=True) as catalog:
+                stats = catalog.stats()
+        except CatalogLocked:  # a collection holds the catalog: index the shard files in memory instead
+            note = "catalog in use by another process (a running collection?): counted from the shard files"
+            with Catalog(data_dir, in_memory=True) as catalog:
+                stats = catalog.stats()
     except ShardError as exc:
         raise UserError(str(exc)) from None
     print(stats.render())
+    if note:
+        print(note)
     return 1 if stats.missing_shards else 0
 
 
@@ -43,6 +52,8 @@ def _reindex(args: argparse.Namespace) -> int:
             stats = catalog.stats()
     except ShardError as exc:
         raise UserError(str(exc)) from None
+    for path, why in catalog.removed_temp:
+        print(f"removed unfinished shard {path}: {why}")
     print(f"reindexed {count} shard(s) in {data_dir}")
     print(stats.render())
     return 0
@@ -73,8 +84,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", nargs="?", help="Config file whose storage.data_dir to use.")
         p.add_argument("--data-dir", help="Data folder (default: storage.data_dir of the config).")
-        p.add_argument("--config", help="Config file whose storage.data_dir to use.")
+        p.add_argument("--config", dest="config_option", help="Same as the positional CONFIG.")
 
     stats = actions.add_parser("stats", help="Print the catalog summary: shards, samples/tokens per split.")
     common(stats)

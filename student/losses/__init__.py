@@ -1,6 +1,8 @@
 """Vocab-parallel distillation losses over megatron-core tensor-parallel logits; the math is docs/losses.md.
 
-- ``soft_cross_entropy``: soft CE over the teacher's top-k (tails none / renormalize / tail_bucket, temperature);
+- ``soft_cross_entropy``: soft CE over the teacher's top-k (tails none / renormalize / tail_bucket / actual_bin,
+  temperature);
+- ``sampled_cross_entropy``, ``sampled_targets``: soft CE against unbiased sampled targets, and those targets;
 - ``hard_cross_entropy``: megatron-core's ``vocab_parallel_cross_entropy`` (the hard baseline);
 - ``logit_mse``: MSE against the teacher's raw top-k logits;
 - ``distillation_loss``: what the training loop calls: the configured loss, masks, α mix, and metrics.
@@ -9,7 +11,13 @@
 from student.losses.distill import METRIC_SUMS, distillation_loss
 from student.losses.hard import hard_cross_entropy
 from student.losses.mse import logit_mse
-from student.losses.topk_cross_entropy import TopKOutputs, soft_cross_entropy, topk_cross_entropy
+from student.losses.targets import sampled_targets
+from student.losses.topk_cross_entropy import (
+    TopKOutputs,
+    sampled_cross_entropy,
+    soft_cross_entropy,
+    topk_cross_entropy,
+)
 
 __all__ = [
     "METRIC_SUMS",
@@ -17,6 +25,8 @@ __all__ = [
     "distillation_loss",
     "hard_cross_entropy",
     "logit_mse",
+    "sampled_cross_entropy",
+    "sampled_targets",
     "soft_cross_entropy",
     "topk_cross_entropy",
 ]

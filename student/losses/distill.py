@@ -8,7 +8,13 @@ import torch
 
 from student.losses.hard import hard_cross_entropy
 from student.losses.mse import logit_mse
-from student.losses.targets import masked_logprobs, tempered_targets, valid_entries
+from student.losses.targets import (
+    actual_bin_entries,
+    check_unique_ids,
+    masked_logprobs,
+    tempered_targets,
+    valid_entries,
+)
 from student.losses.topk_cross_entropy import CHUNK_ELEMENTS, TopKOutputs, topk_cross_entropy
 from student.settings import LossSettings
 
@@ -18,36 +24,56 @@ METRIC_SUMS = ("tokens", "soft_tokens", "hard_ce_sum", "kl_sum", "teacher_entrop
 _REQUIRED = ("labels", "loss_mask", "soft_mask", "topk_ids", "topk_logprobs")
 
 
-def _flat_batch(batch: Mapping[str, torch.Tensor], rows: int, kind: str) -> dict[str, torch.Tensor]:
+def _flat_batch(
+    batch: Mapping[str, torch.Tensor], rows: int, settings: LossSettings
+) -> dict[str, torch.Tensor]:
     """The batch keys the loss reads (docs/architecture.md), flattened to ``[N]`` / ``[N, K]`` and checked."""
     missing = [key for key in _REQUIRED if key not in batch]
-    if kind == "mse" and "topk_logits" not in batch:
+    if settings.kind == "mse" and "topk_logits" not in batch:
         missing.append("topk_logits (kind='mse' needs a teacher that returns raw logits)")
+    if settings.kind == "sampled":
+        missing += [f"{key} (kind='sampled')" for key in ("sample_ids", "sample_weights") if key not in batch]
+    actual_bin = settings.kind == "soft" and settings.tail == "actual_bin"
+    if actual_bin and "actual_logprob" not in batch:
+        missing.append("actual_logprob (tail='actual_bin'; NaN where the teacher's logprob is unknown)")
     if missing:
         raise KeyError(f"distillation_loss: batch lacks {', '.join(missing)}")
-    flat = {key: batch[key].reshape(-1) for key in ("labels", "loss_mask", "soft_mask")}
-    k = batch["topk_ids"].shape[-1]
-    for key in ("topk_ids", "topk_logprobs", "topk_logits"):
+    per_position = ("labels", "loss_mask", "soft_mask") + (("actual_logprob",) if actual_bin else ())
+    flat = {key: batch[key].reshape(-1) for key in per_position}
+    widths = {"topk_ids": batch["topk_ids"].shape[-1]}
+    widths["topk_logprobs"] = widths["topk_logits"] = widths["topk_ids"]
+    if settings.kind == "sampled":
+        widths["sample_ids"] = widths["sample_weights"] = batch["sample_ids"].shape[-1]
+    for key, width in widths.items():
         if key in batch:
-            flat[key] = batch[key].reshape(-1, k)
+            flat[key] = batch[key].reshape(batch[key].shape[:-1].numel(), width)
     for key, value in flat.items():
-        if value.shape[0] != rows or value.shape[1:] not in ((), (k,)):
+        width = widths.get(key)
+        if value.shape[0] != rows or value.shape[1:] not in ((), (width,)):
             raise ValueError(
                 f"distillation_loss: batch[{key!r}] has shape {tuple(batch[key].shape)}; expected the logits' "
-                f"leading dims ({rows} positions) {'' if value.dim() == 1 else f'x K={k} '}"
+                f"leading dims ({rows} positions) {'' if width is None else f'x {width} '}"
             )
+    if settings.kind == "sampled":
+        weights = flat["sample_weights"]
+        if not bool(((weights >= 0) & torch.isfinite(weights)).all()):
+            raise ValueError("distillation_loss: batch['sample_weights'] must be finite and >= 0")
     return flat
 
 
-def _check_unique_ids(topk_ids: torch.Tensor) -> None:
-    ordered = topk_ids.sort(dim=-1).values
-    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
-    if bool(repeated.any()):
-        row = int(repeated.any(-1).nonzero()[0, 0])
-        raise ValueError(
-            f"distillation_loss: topk_ids repeats an id within position {row} ({topk_ids[row].tolist()}); "
-            "teacher ids mapping to one student id must be merged (log-sum-exp of their log-probs) upstream"
-        )
+def _sampled_columns(
+    flat: dict[str, torch.Tensor], valid: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sampled targets as kernel columns: weights at the top-k columns [N, K] (samples that are a top-k id
+    move there) and the other samples' ids and weights [N, M] (-1 / 0 where moved or padded)."""
+    ids, weights = flat["sample_ids"].long(), flat["sample_weights"].to(dtype)
+    weights = torch.where(ids >= 0, weights, torch.zeros_like(weights))
+    same = (
+        (ids.unsqueeze(-1) == flat["topk_ids"].unsqueeze(-2)) & valid.unsqueeze(-2) & (ids >= 0).unsqueeze(-1)
+    )
+    at_topk = (weights.unsqueeze(-1) * same).sum(-2)
+    moved = same.any(-1)
+    return at_topk, torch.where(moved | (weights <= 0), -1, ids), torch.where(moved, 0.0, weights)
 
 
 def _teacher_metrics(
@@ -60,7 +86,7 @@ def _teacher_metrics(
     step = max(1, 4 * CHUNK_ELEMENTS // max(logits.shape[-1], 1))
     blocks = []
     with torch.no_grad():
-        for start in range(0, logits.shape[0], step):
+        for start in range(0, max(logits.shape[0], 1), step):  # one (empty) block for zero rows
             rows = slice(start, start + step)
             blocks.append(
                 topk_cross_entropy(
@@ -92,7 +118,9 @@ def distillation_loss(
     """Mean loss over contributing tokens, and metrics, from vocab-parallel logits ``[..., V/TP]``.
 
     ``batch`` holds the reader's keys (docs/architecture.md): ``labels``, ``loss_mask``, ``soft_mask``,
-    ``topk_ids``, ``topk_logprobs`` and, for ``kind='mse'``, ``topk_logits``, all with the logits' leading dims.
+    ``topk_ids``, ``topk_logprobs`` and, for ``kind='mse'``, ``topk_logits``, for ``kind='sampled'``
+    ``sample_ids``/``sample_weights`` (a position is soft only where it has a sample), for ``tail='actual_bin'``
+    ``actual_logprob``, all with the logits' leading dims.
     Per token (docs/losses.md "The distillation loss"): soft positions (``soft_mask`` and ``loss_mask``) give
     ``α·τ²·L_soft + (1−α)·CE``; positions with ``loss_mask`` but no teacher give ``CE`` (``no_teacher='hard'``)
     or nothing (``'mask'``); ``kind='hard'`` gives ``CE`` on every ``loss_mask`` position. The loss is the sum
@@ -105,11 +133,14 @@ def distillation_loss(
     """
     vocab_part = logits.shape[-1]
     z = logits.reshape(-1, vocab_part)
-    flat = _flat_batch(batch, z.shape[0], settings.kind)
-    _check_unique_ids(flat["topk_ids"])
+    flat = _flat_batch(batch, z.shape[0], settings)
+    check_unique_ids(flat["topk_ids"], "distillation_loss: topk_ids")
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     has_loss = flat["loss_mask"] > 0
     soft_rows = flat["soft_mask"].bool() & has_loss
+    if settings.kind == "sampled":
+        check_unique_ids(flat["sample_ids"], "distillation_loss: sample_ids")
+        soft_rows &= ((flat["sample_ids"] >= 0) & (flat["sample_weights"] > 0)).any(-1)
     fallback = has_loss & ~soft_rows if settings.no_teacher == "hard" else torch.zeros_like(has_loss)
 
     if settings.kind == "hard":
@@ -119,14 +150,26 @@ def distillation_loss(
         hard_ce = per_token.detach()
     else:
         contributing = soft_rows | fallback
-        alpha = settings.alpha if settings.kind == "soft" else 0.0
+        alpha = settings.alpha if settings.kind in ("soft", "sampled") else 0.0
         hard_w = (1.0 - settings.alpha) * soft_rows.to(dtype) + fallback.to(dtype)
         mse = None
         if settings.kind == "mse":
             mse = logit_mse(z, flat["topk_ids"], flat["topk_logits"], center=settings.mse_center)
         valid = valid_entries(flat["topk_ids"], flat["topk_logprobs"])
         logp = masked_logprobs(flat["topk_logprobs"], valid, dtype)
-        soft_w, tail_w = tempered_targets(logp, valid, settings.tail, settings.temperature)
+        extra_ids = extra_w = None
+        if settings.kind == "sampled":
+            soft_w, extra_ids, extra_w = _sampled_columns(flat, valid, dtype)
+            tail_w = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
+        elif settings.tail == "actual_bin":
+            labels = flat["labels"].long()
+            actual, logp, valid = actual_bin_entries(
+                flat["topk_ids"], logp, valid, labels, flat["actual_logprob"]
+            )
+            soft_w, tail_w = tempered_targets(logp, valid, "tail_bucket", settings.temperature)
+            soft_w, extra_w, extra_ids = soft_w[:, :-1], soft_w[:, -1:], actual.unsqueeze(-1)
+        else:
+            soft_w, tail_w = tempered_targets(logp, valid, settings.tail, settings.temperature)
         row_w = alpha * soft_rows.to(dtype)
         out = topk_cross_entropy(
             z,
@@ -136,8 +179,10 @@ def distillation_loss(
             tail_w * row_w,
             flat["labels"],
             hard_w if settings.alpha < 1.0 or settings.no_teacher == "hard" else None,
-            settings.temperature if settings.kind == "soft" else 1.0,
+            settings.temperature if settings.kind in ("soft", "sampled") else 1.0,
             inplace=inplace,
+            extra_ids=extra_ids,
+            extra_w=None if extra_w is None else extra_w * row_w.unsqueeze(-1),
         )
         per_token = out.loss
         if mse is not None:

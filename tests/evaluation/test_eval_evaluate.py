@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import EvaluateSettings
 from pipeline.report import append_eval_results
 from student.evaluate import main as evaluate_main
 from student.evaluate import token_stats
@@ -106,9 +105,17 @@ def test_tp2_evaluation_matches_the_teachers_own_numbers(evaluated_run, checkpoi
     document = json.loads((evaluated_run / "metrics.json").read_text())
     expected = np.load(checkpoint_tp1 / "heldout_expected.npz")
     assert document["models"] == ["soft", "hard", "teacher"]
-    assert document["held_out"]["sequences"] == 12 and document["held_out"]["tokens"] == expected["ce"].size
+    held = document["held_out"]
+    assert held["documents"] == 12 and held["clusters"] == 12 and held["tokens"] == expected["ce"].size
     for name in ("soft", "hard", "teacher"):
-        for key in ("ce", "perplexity", "kl_teacher_student", "top1_agreement", "ece"):
+        for key in (
+            "ce",
+            "perplexity",
+            "kl_teacher_student",
+            "full_kl_teacher_student",
+            "top1_agreement",
+            "ece",
+        ):
             entry = document[name][key]
             assert entry["ci_low"] <= entry["value"] <= entry["ci_high"], (name, key, entry)
         assert document[name]["held_out_tokens"] == expected["ce"].size
@@ -119,6 +126,17 @@ def test_tp2_evaluation_matches_the_teachers_own_numbers(evaluated_run, checkpoi
     assert teacher["perplexity"]["value"] == pytest.approx(math.exp(expected["ce"].mean()), rel=1e-5)
     assert abs(teacher["kl_teacher_student"]["value"]) < 1e-5  # the data's top-k is this model's own
     assert teacher["top1_agreement"]["value"] == 1.0
+    assert teacher["full_kl_teacher_student"]["value"] == 0.0  # the teacher against itself, every position
+    assert document["full_vocab"] == {"available": True, "teacher": "teacher", "reason": None}
+    # coarsening the vocabulary into top-k + tail bins can only lose divergence (data processing inequality)
+    for name in ("soft", "hard"):
+        full, bins = (
+            document[name]["full_kl_teacher_student"]["value"],
+            document[name]["kl_teacher_student"]["value"],
+        )
+        assert full >= bins - 1e-6 and full > 1e-3, (name, full, bins)
+    mass = held["teacher_topk_mass_mean"]["value"]
+    assert 0 < mass <= 1 and 0 <= held["actual_in_teacher_topk_rate"]["value"] <= 1
     ece = _loop_ece(expected["confidence"].ravel(), expected["correct"].ravel(), 15)
     assert teacher["ece"]["value"] == pytest.approx(ece, abs=1e-4)
 
@@ -135,7 +153,9 @@ def test_tp2_evaluation_matches_the_teachers_own_numbers(evaluated_run, checkpoi
     samples = document["generations"]
     assert len(samples) == 2 and all(set(s["outputs"]) == {"soft", "hard", "teacher"} for s in samples)
     assert all(s["prompt"] and s["reference"] is not None for s in samples)
-    assert (evaluated_run / "per_sequence.npz").is_file()
+    assert (evaluated_run / "per_cluster.npz").is_file()
+    buckets = document["soft"]["by_teacher_mass"]
+    assert sum(b["tokens"] for b in buckets) == held["soft_tokens"]
 
 
 @pytest.mark.slow
@@ -145,8 +165,8 @@ def test_eval_results_are_appended_to_duckdb(evaluated_run, tmp_path):
 
     document = json.loads((evaluated_run / "metrics.json").read_text())
     with Catalog(tmp_path) as catalog:
-        assert append_eval_results(catalog.con, "run-a", document) == 3 * 6
-        assert append_eval_results(catalog.con, "run-a", document) == 3 * 6  # a run recorded again: replaced
+        assert append_eval_results(catalog.con, "run-a", document) == 3 * 8
+        assert append_eval_results(catalog.con, "run-a", document) == 3 * 8  # a run recorded again: replaced
     append_eval_results(tmp_path / CATALOG_FILE, "run-b", document)
     with duckdb.connect(str(tmp_path / CATALOG_FILE), read_only=True) as con:
         rows = con.execute(
@@ -154,7 +174,7 @@ def test_eval_results_are_appended_to_duckdb(evaluated_run, tmp_path):
             "WHERE model = 'teacher' AND metric = 'ce' ORDER BY run_id"
         ).fetchall()
         total = con.execute("SELECT count(*) FROM eval_results").fetchone()[0]
-    assert [r[0] for r in rows] == ["run-a", "run-b"] and total == 2 * 18
+    assert [r[0] for r in rows] == ["run-a", "run-b"] and total == 2 * 24
     expected = tuple(document["teacher"]["ce"][k] for k in ("value", "ci_low", "ci_high"))
     assert rows[0][1:] == pytest.approx(expected)
 
@@ -182,64 +202,48 @@ def test_missing_or_mismatched_checkpoint_fails_clearly(checkpoint_tp1, tmp_path
         assert not (tmp_path / "run").exists()  # nothing half-written
 
 
-def test_rows_without_labels_are_dropped_and_sequences_renumbered():
-    """Rows gathered from several DP ranks: global row ids 0..5, rows 1 and 5 hold no real label (padding of
-    the last batch); the kept rows become sequences 0..3 in order, whatever the largest row id."""
-    from student.evaluate import to_token_rows
+def test_windows_score_every_label_once_with_its_context():
+    """Sliding windows over documents longer than the context: every label exactly once, the first window's
+    labels with the document's whole prefix, later ones with at least context - stride tokens before them."""
+    from student.heldout import windows
 
-    sequence = np.array([0, 0, 1, 2, 3, 3, 4, 5])
-    hard = np.array([1, 1, 0, 1, 1, 1, 1, 0], bool)
-    rows = {"sequence": sequence, "hard": hard, "soft": hard.copy(), "correct": hard, "agree": hard}
-    rows |= {k: np.arange(8.0) for k in ("ce", "soft_ce", "kl", "confidence")}
-    keep = np.flatnonzero(np.bincount(sequence[hard], minlength=6) > 0)
-    token_rows, count = to_token_rows(rows, keep)
-    assert count == 4 and keep.tolist() == [0, 2, 3, 4]
-    assert token_rows.sequence.tolist() == [0, 0, 1, 2, 2, 3]
-    assert token_rows.ce.tolist() == [0, 1, 3, 4, 5, 6]
+    assert windows(1, 8, 4) == [] and windows(9, 8, 4) == [(0, 0)]  # 8 labels fit one row: no cut
+    for n, context, stride in [(40, 8, 4), (33, 16, 5), (100, 10, 10), (12, 8, 1)]:
+        scored = []
+        for start, first in windows(n, context, stride):
+            for p in range(first, min(context, n - 1 - start)):
+                label = start + p + 1
+                scored.append(label)
+                assert p >= min(label - 1, context - stride), (n, context, stride, start, p)
+        assert sorted(scored) == list(range(1, n)) and len(scored) == n - 1
 
 
-def test_held_out_snapshot_rows_are_read_once_in_a_fixed_order(tmp_path):
-    """A real snapshot (shards + catalog): data-parallel ranks split the held-out rows without overlap, and
-    together they are exactly the rows of one rank reading everything, in the same order."""
+def test_held_out_snapshot_documents_follow_sample_ids_whatever_the_shard_layout(tmp_path):
+    """A real snapshot (shards + catalog) written in two different arrival orders and shard splits: the
+    held-out documents come back whole (one per record), in sample-id order, identical both times."""
     from storage.catalog import Catalog
     from storage.settings import StorageSettings
     from storage.shards import ShardWriter
     from storage.snapshot import create_snapshot
-    from student.evaluate import EvalSpec, held_out_batches
+    from student.heldout import load_documents
     from tests.storage.factory import make_record, teacher_vocab
 
-    rng = np.random.default_rng(5)
-    with Catalog(tmp_path) as catalog:
-        settings = StorageSettings(data_dir=tmp_path, shard_max_records=4)
-        with ShardWriter(tmp_path, settings, catalog) as writer:
-            writer.add(
-                [make_record(rng, i, int(rng.integers(8, 40)), split="test") for i in range(10)],
-                teacher_vocab(),
-            )
-        snapshot = create_snapshot(catalog, "held-out", splits=["test"])
     tokenizer = StudentTokenizer.train(["the def λx é 日本 🙂 w300 w301" * 20], vocab_size=300)
-    manifest = tmp_path / "snapshots" / "held-out.json"
-    assert manifest.is_file() and snapshot.shards
-    spec = EvalSpec.model_validate(
-        {
-            **EvaluateSettings(micro_batch_size=2).model_dump(),
-            "data": manifest,
-            "tokenizer": tmp_path / "unused.json",
-            "models": {"m": {"checkpoint": tmp_path}},
-            "out": tmp_path / "metrics.json",
-        }
-    )
 
-    def rows(dp_rank, dp):
-        out = {}
-        for micro in held_out_batches(spec, tokenizer, 16, dp_rank, dp):
-            for i, row in enumerate(micro["row"].tolist()):
-                out[row] = (micro["tokens"][i].tolist(), micro["loss_mask"][i].tolist())
-        return out
+    def documents(root, order, per_shard):
+        rng = np.random.default_rng(5)
+        records = [make_record(rng, i, int(rng.integers(8, 40)), split="test") for i in range(10)]
+        with Catalog(root) as catalog:
+            settings = StorageSettings(data_dir=root, shard_max_records=per_shard)
+            with ShardWriter(root, settings, catalog) as writer:
+                writer.add([records[i] for i in order], teacher_vocab())
+            create_snapshot(catalog, "held-out", splits=["test"])
+        return load_documents(root / "snapshots" / "held-out.json", tokenizer), records
 
-    single = rows(0, 1)
-    first, second = rows(0, 2), rows(1, 2)
-    assert not set(first) & set(second)
-    real = {r: v for r, v in single.items() if sum(v[1]) > 0}
-    assert len(real) >= 4
-    assert {r: v for r, v in {**first, **second}.items() if sum(v[1]) > 0} == real
+    first, records = documents(tmp_path / "a", list(range(10)), 4)
+    second, _ = documents(tmp_path / "b", [7, 2, 9, 0, 5, 1, 8, 3, 6, 4], 3)
+    assert first.sample_ids == sorted(r.sample_id for r in records) == second.sample_ids
+    assert np.array_equal(first.offsets, second.offsets) and np.array_equal(first.tokens, second.tokens)
+    assert np.array_equal(first.topk_logprobs, second.topk_logprobs)
+    facts = first.label_facts()
+    assert facts["hard"].sum() == len(first.tokens) - len(first)  # every token but each document's first

@@ -115,3 +115,19 @@ def test_report_compare_two_runs(run_dir, tmp_path, capsys):
 def test_report_of_a_run_without_metrics_fails_clearly(tmp_path, capsys):
     assert distill(["report", "build", str(tmp_path)]) == 2
     assert "metrics.json: metrics file not found" in capsys.readouterr().err
+
+
+def test_report_wording_follows_the_interval_rule():
+    """"X is better" only when the interval over files and seeds excludes 0 with more than one seed;
+    otherwise "no difference shown"."""
+    from pipeline.report import _verdict
+
+    def verdict(low, high, seeds):
+        entry = {"value": (low + high) / 2, "ci_low": low, "ci_high": high, "spread": 0.01, "seeds": seeds}
+        return _verdict("soft-hard", entry, "lower", "95%")
+
+    assert "**soft is better**" in verdict(-0.3, -0.1, [-0.2, -0.25, -0.15])
+    assert "**hard is better**" in verdict(0.1, 0.3, [0.2, 0.1])
+    for text in (verdict(-0.3, 0.1, [-0.1, -0.2, 0.0]), verdict(-0.3, -0.1, [-0.2])):
+        assert "no difference shown" in text and "better" not in text
+    assert "one training seed" in verdict(-0.3, -0.1, [-0.2])

@@ -4,7 +4,8 @@ One sequence on one tiny project, each step checked against the task-run states 
 1. first run: every stage runs;  2. same config again: every stage Cached;  3. a stage output deleted: that
 stage runs again, nothing else;  4. only a [train] knob changed: train/evaluate/report run, nothing upstream;
 5. `distill run` (no Prefect) on the same config: every stage reused, summary.json, last line the report;
-6. the prompt source grows, refresh flow: collect asks the teacher for the new prompts only.
+6. the prompt source grows, refresh flow: collect asks the teacher for the new prompts only;
+7. the same config with another work dir: no stage Cached (Prefect caches are keyed by the work dir too).
 """
 
 from __future__ import annotations
@@ -127,3 +128,19 @@ def test_distill_flow_caching_and_refresh(prefect_harness: Path, tiny_project: T
     states = task_states(state)
     assert states["collect"] == "Completed" and states["prepare_corpus"] == "Completed", states
     assert states["tokenizer"] == states["bootstrap_teacher"] == "Cached", states
+
+    # 7. the same config with another work dir shares no cached stage: Prefect's cache records are global,
+    #    but a result made for another work dir must not be reused (its outputs live elsewhere)
+    elsewhere = tiny_project.root / "work-elsewhere"
+    moved = tiny_project.config("tiny-elsewhere.toml", run={"work_dir": str(elsewhere)})
+    state = refresh(config=str(moved), return_state=True)
+    assert state.is_completed(), state.message
+    states = task_states(state)
+    assert "Cached" not in states.values(), states
+    moved_runs = [
+        summary
+        for path in (tiny_project.root / "runs").glob("*/summary.json")
+        if (summary := json.loads(path.read_text())).get("config") == str(moved)
+    ]
+    (moved_summary,) = moved_runs
+    assert all(Path(s["path"]).is_relative_to(elsewhere) for s in moved_summary["stages"].values())

@@ -40,7 +40,10 @@ def test_unknown_key_fails_before_any_work(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("sections", "expected"),
     [
-        ({"bootstrap": {"checkpoint": "/nonexistent/teacher"}}, "bootstrap.checkpoint: teacher checkpoint"),
+        (
+            {"local_teacher": {"model": "/nonexistent/teacher"}},
+            "local_teacher.model: /nonexistent/teacher not found",
+        ),
         (
             {"teacher": {"base_url": "api.example.com/v1"}},
             "teacher.base_url: expected 'local' or an http(s) URL",
@@ -63,12 +66,12 @@ def test_missing_teacher_or_input_fails_before_any_work(
 
 
 def test_missing_teacher_checkpoint_cli_exit_code(tmp_path: Path) -> None:
-    config = make_tiny_project(tmp_path, n_prompts=5).config(bootstrap={"checkpoint": str(tmp_path / "gone")})
+    config = make_tiny_project(tmp_path, n_prompts=5).config(local_teacher={"model": str(tmp_path / "gone")})
     out = distill("run", str(config))
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip() == (
-        f"error: bootstrap.checkpoint: teacher checkpoint {tmp_path / 'gone'} not found (remove the key to train "
-        "the embedded teacher, or point it at a student.train checkpoint)"
+        f"error: local_teacher.model: {tmp_path / 'gone'} not found; expected 'smollm2', 'bootstrap', a .gguf "
+        "file, a Hugging Face Llama directory (with config.json) or a student.train checkpoint directory"
     )
     assert not (tmp_path / "work").exists()
 

@@ -177,3 +177,87 @@ def test_bad_tail_and_temperature_are_rejected():
         soft_cross_entropy(z, b["topk_ids"], b["topk_logprobs"], tail="bucket")
     with pytest.raises(ValueError, match="temperature"):
         soft_cross_entropy(z, b["topk_ids"], b["topk_logprobs"], temperature=0.0)
+
+
+# ---------------------------------------------------------------- hardening (issue 12) ---------------------------
+@pytest.mark.parametrize("tail", TAILS)
+def test_openai_sentinel_logprob_is_not_a_teacher_token(tail):
+    """Guards: an entry with a real id and OpenAI's -9999 "not returned" logprob used to count as a teacher
+    token (renormalize gave 2.97 instead of 0: the two sentinels became weights 1/2 each)."""
+    z = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64).unsqueeze(0)
+    ids = torch.tensor([[3, 5]])
+    logp = torch.full((1, 2), -9999.0, dtype=torch.float64)
+    loss = soft_cross_entropy(z.clone(), ids, logp, tail=tail)
+    assert loss.item() == 0.0
+    batch = {
+        "labels": torch.tensor([2]),
+        "loss_mask": torch.ones(1),
+        "soft_mask": torch.ones(1, dtype=torch.bool),
+        "topk_ids": ids,
+        "topk_logprobs": logp,
+    }
+    _, metrics = distillation_loss(z.clone(), batch, LossSettings(alpha=1.0, no_teacher="mask"))
+    assert float(metrics["kl"]) == 0.0 and float(metrics["teacher_entropy"]) == 0.0
+    assert float(metrics["top1_agreement"]) == 0.0
+
+
+def _underflow_batch(tau: float):
+    """float32 logits [0, −130τ, …] and a teacher top-1 {0: log 0.8}: the student's tail mass at τ is about
+    e^-130, below float32's smallest number, while the true loss is ≈ 0.2·(130 − log 7) ≈ 25.6 (at τ = 1)."""
+    z = torch.full((2, 8), -130.0 * tau, dtype=torch.float64)
+    z[:, 0] = 0.0
+    z[1, 5] = -3.0  # a second row whose tail does not underflow
+    ids = torch.tensor([[0, -1], [0, 2]])
+    logp = torch.tensor([[0.8, 0.0], [0.5, 0.3]], dtype=torch.float64).log()
+    logp[0, 1] = float("-inf")
+    return z, ids, logp
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_tail_bucket_stays_finite_and_exact_when_the_student_tail_underflows(tau):
+    """Guards: the tail sum Σ_{v∉K} exp(z_v − max) underflowed to 0 in float32 (tail log-mass below about
+    −104τ), so log R = −inf: the loss was inf, the gradient all NaN and the k+1-bin KL inf."""
+    z64, ids, logp = _underflow_batch(tau)
+    full = z64.clone().requires_grad_()
+    ref = ref_soft(full, ids, logp, "tail_bucket", tau)
+    ref.sum().backward()
+    assert 20.0 < ref[0].item() < 200.0  # ≈ 25.6 at τ = 1
+    x = z64.float().requires_grad_()
+    ours = soft_cross_entropy(x.clone(), ids, logp.float(), tail="tail_bucket", temperature=tau)
+    ours.sum().backward()
+    assert torch.isfinite(ours).all() and torch.isfinite(x.grad).all()
+    assert rel_err(ours, ref) < 1e-6
+    assert rel_err(x.grad, full.grad) < 1e-6
+    bf16 = z64.to(torch.bfloat16)  # exactly representable: the same numbers through the bf16 path
+    assert rel_err(soft_cross_entropy(bf16, ids, logp.float(), temperature=tau), ref) < 1e-6
+
+    batch = {
+        "labels": torch.tensor([0, 1]),
+        "loss_mask": torch.ones(2),
+        "soft_mask": torch.ones(2, dtype=torch.bool),
+        "topk_ids": ids,
+        "topk_logprobs": logp.float(),
+    }
+    _, metrics = distillation_loss(z64.float(), batch, LossSettings(temperature=tau))
+    expected = ref_metrics(z64, ids, logp)
+    assert torch.isfinite(metrics["kl_sum"])
+    assert abs(float(metrics["kl_sum"]) - float(expected["kl"].sum())) < 1e-5 * float(expected["kl"].sum())
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5, 2.0])
+def test_zero_rows_give_empty_losses_at_any_temperature(tau):
+    """Guards: an empty micro-batch with τ != 1 raised ``torch.cat(): expected a non-empty list``."""
+    x = torch.zeros(0, 16, requires_grad=True)
+    ids, logp = torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3)
+    loss = soft_cross_entropy(x.clone(), ids, logp, temperature=tau)
+    loss.sum().backward()
+    assert loss.shape == (0,) and x.grad.shape == (0, 16)
+    batch = {
+        "labels": torch.zeros(0, dtype=torch.long),
+        "loss_mask": torch.zeros(0),
+        "soft_mask": torch.zeros(0, dtype=torch.bool),
+        "topk_ids": ids,
+        "topk_logprobs": logp,
+    }
+    total, metrics = distillation_loss(x.clone(), batch, LossSettings(temperature=tau, alpha=0.5))
+    assert total.item() == 0.0 and float(metrics["tokens"]) == 0.0

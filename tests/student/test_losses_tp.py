@@ -19,6 +19,7 @@ WORKER = "tests/student/worker_losses.py"
 TOL = 1e-6
 CASES = (
     [f"soft-{tail}-tau{tau}" for tail in ("none", "renormalize", "tail_bucket") for tau in (1.0, 0.7, 2.5)]
+    + [f"{name}-tau{tau}" for name in ("soft-actual_bin", "sampled") for tau in (1.0, 0.7, 2.5)]
     + ["hard-megatron", "mse-centerTrue", "mse-centerFalse"]
     + [f"distill-{name}" for name in DISTILL_SETTINGS]
 )

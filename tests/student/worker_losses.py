@@ -21,11 +21,15 @@ import torch.nn.functional as F
 K = 6
 N = 14
 VOCAB = 64
+DRAWS = 5
+SENTINEL = -9999.0
 
 
 # ---------------------------------------------------------------- references (dense, float64, per row) ----------
 def _row_teacher(ids: torch.Tensor, logp: torch.Tensor) -> tuple[list[int], torch.Tensor, float]:
-    keep = [j for j in range(len(ids)) if ids[j] >= 0 and math.isfinite(float(logp[j]))]
+    keep = [
+        j for j in range(len(ids)) if ids[j] >= 0 and math.isfinite(float(logp[j])) and logp[j] > SENTINEL
+    ]
     p = logp[keep].double().exp()
     return [int(ids[j]) for j in keep], p, max(0.0, 1.0 - float(p.sum()))
 
@@ -37,19 +41,46 @@ def _log_tail(logq: torch.Tensor, ids: list[int]) -> torch.Tensor:
     return torch.logsumexp(logq[others], dim=0)
 
 
-def ref_soft(z: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor, tail: str, tau: float) -> torch.Tensor:
-    """Per-row ``τ²·(−Σ_j w~_j log q^τ_{t_j} − r~ log(1 − Σ_j q^τ_{t_j}))`` with the teacher's bins tempered."""
+def ref_soft(
+    z: torch.Tensor,
+    ids: torch.Tensor,
+    logp: torch.Tensor,
+    tail: str,
+    tau: float,
+    labels: torch.Tensor | None = None,
+    actual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row ``τ²·(−Σ_j w~_j log q^τ_{t_j} − r~ log(1 − Σ_j q^τ_{t_j}))`` with the teacher's bins tempered.
+
+    ``actual_bin``: where the label y is outside the top-k and its log-probability is known, the bins are
+    ``(p_1..p_k, p_y, r − p_y)`` with ``p_y = min(exp(actual), r)`` against ``(q_t.., q_y, 1 − Σ q_t − q_y)``.
+    """
     rows = []
     for i in range(z.shape[0]):
         logq = F.log_softmax(z[i].double() / tau, dim=0)
         t, p, r = _row_teacher(ids[i], logp[i])
+        if tail == "actual_bin":
+            y, a = int(labels[i]), float(actual[i])
+            if y >= 0 and y not in t and math.isfinite(a) and a > SENTINEL and r > 0:
+                p_y = min(math.exp(a), r)
+                t, p, r = [*t, y], torch.cat([p, torch.tensor([p_y], dtype=torch.float64)]), r - p_y
         bins = p if tail == "renormalize" else torch.cat([p, torch.tensor([r], dtype=torch.float64)])
         tempered = bins ** (1.0 / tau)
         tempered = tempered / tempered.sum() if tempered.sum() > 0 else tempered
         loss = -(tempered[: len(t)] * logq[t]).sum()
-        if tail == "tail_bucket" and tempered[-1] > 0:
+        if tail in ("tail_bucket", "actual_bin") and tempered[-1] > 0:
             loss = loss - tempered[-1] * _log_tail(logq, t)
         rows.append(tau * tau * loss)
+    return torch.stack(rows)
+
+
+def ref_sampled(z: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, tau: float) -> torch.Tensor:
+    """Per-row ``τ²·(−Σ_j w_j log q^τ_{s_j})``: the soft CE against the sampled weights (ids -1 skipped)."""
+    rows = []
+    for i in range(z.shape[0]):
+        logq = F.log_softmax(z[i].double() / tau, dim=0)
+        keep = [j for j in range(ids.shape[1]) if ids[i, j] >= 0]
+        rows.append(-tau * tau * (weights[i, keep].double() * logq[ids[i, keep]]).sum())
     return torch.stack(rows)
 
 
@@ -106,10 +137,22 @@ def ref_distill(
     if s["kind"] == "hard":
         per_token, contributing = ce, has_loss
     else:
+        if s["kind"] == "sampled":
+            soft = soft & (batch["sample_weights"] > 0).any(-1)
         fallback = has_loss & ~soft if s["no_teacher"] == "hard" else torch.zeros_like(has_loss)
         contributing = soft | fallback
         if s["kind"] == "soft":
-            teacher = ref_soft(z, batch["topk_ids"], batch["topk_logprobs"], s["tail"], s["temperature"])
+            teacher = ref_soft(
+                z,
+                batch["topk_ids"],
+                batch["topk_logprobs"],
+                s["tail"],
+                s["temperature"],
+                batch["labels"],
+                batch["actual_logprob"],
+            )
+        elif s["kind"] == "sampled":
+            teacher = ref_sampled(z, batch["sample_ids"], batch["sample_weights"], s["temperature"])
         else:
             teacher = ref_mse(z, batch["topk_ids"], batch["topk_logits"], s.get("mse_center", True))
         per_token = torch.where(soft, s["alpha"] * teacher + (1 - s["alpha"]) * ce, ce)
@@ -149,6 +192,18 @@ def make_batch(seed: int = 0, rows: int = N, vocab: int = VOCAB, k: int = K) -> 
     loss_mask = (torch.rand(rows, generator=g) > 0.2).float()
     loss_mask[:3] = 1.0
     soft_mask = (counts > 0) & (torch.rand(rows, generator=g) > 0.15)
+    if k > 1:  # an entry with a real id and OpenAI's -9999 sentinel: no teacher token (row 1 has k = 1)
+        spare = int(next(v for v in range(vocab) if v not in ids[1].tolist()))
+        ids[1, 1], logprobs[1, 1], logits[1, 1] = spare, SENTINEL, float("-inf")
+    g2 = torch.Generator().manual_seed(seed + 1000)  # the extras draw from their own stream
+    labels[3::4] = torch.where(ids[3::4, 0] >= 0, ids[3::4, 0], labels[3::4])  # some labels in the top-k
+    actual = logp_full.gather(-1, labels.unsqueeze(-1)).squeeze(-1).float().double()
+    actual[torch.rand(rows, generator=g2) < 0.25] = float("nan")
+    sample_ids, sample_weights = draw_sampled_targets(logp_full, ids, logprobs, DRAWS, g2)
+    no_samples = ~soft_mask
+    no_samples[3] = True  # a soft position without samples: a fallback position for kind "sampled"
+    sample_ids = sample_ids.masked_fill(no_samples.unsqueeze(-1), -1)
+    sample_weights = sample_weights.masked_fill(no_samples.unsqueeze(-1), 0.0)
     batch = {
         "labels": labels,
         "loss_mask": loss_mask,
@@ -156,8 +211,31 @@ def make_batch(seed: int = 0, rows: int = N, vocab: int = VOCAB, k: int = K) -> 
         "topk_ids": ids,
         "topk_logprobs": logprobs.float().double(),
         "topk_logits": logits,
+        "actual_logprob": actual,
+        "sample_ids": sample_ids,
+        "sample_weights": sample_weights.double(),
     }
     return z, batch
+
+
+def draw_sampled_targets(
+    logp_full: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, draws: int, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sampled_targets`` of ``draws`` samples per row from the teacher's full distribution restricted to
+    outside each row's valid top-k (plain i.i.d. samples where the row has no top-k)."""
+    from student.losses.targets import sampled_targets, valid_entries
+
+    rows, vocab = logp_full.shape
+    tail_ids = torch.full((rows, draws), -1, dtype=torch.long)
+    tail_counts = torch.zeros(rows, draws, dtype=torch.long)
+    valid = valid_entries(ids, logprobs)
+    head = torch.zeros(rows, vocab).scatter_reduce_(-1, ids.clamp(min=0), valid.float(), reduce="amax") > 0
+    probs = logp_full.exp().masked_fill(head, 0.0)
+    for i in range(rows):
+        drawn = torch.multinomial(probs[i], draws, replacement=True, generator=g)
+        distinct, counts = drawn.unique(return_counts=True)
+        tail_ids[i, : len(distinct)], tail_counts[i, : len(distinct)] = distinct, counts
+    return sampled_targets(ids, logprobs, tail_ids, tail_counts)
 
 
 # ---------------------------------------------------------------- worker -----------------------------------------
@@ -169,10 +247,37 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _cases() -> dict[str, tuple[Callable, Callable]]:
     """name -> (ours(shard, full_batch) -> value, reference(full_logits, full_batch) -> value)."""
-    from student.losses import distillation_loss, hard_cross_entropy, logit_mse, soft_cross_entropy
+    from student.losses import (
+        distillation_loss,
+        hard_cross_entropy,
+        logit_mse,
+        sampled_cross_entropy,
+        soft_cross_entropy,
+    )
     from student.settings import LossSettings
 
     cases: dict[str, tuple[Callable, Callable]] = {}
+    for tau in (1.0, 0.7, 2.5):
+        cases[f"soft-actual_bin-tau{tau}"] = (
+            lambda zs, b, tau=tau: soft_cross_entropy(
+                zs,
+                b["topk_ids"],
+                b["topk_logprobs"],
+                tail="actual_bin",
+                temperature=tau,
+                labels=b["labels"],
+                actual_logprob=b["actual_logprob"],
+            ),
+            lambda z, b, tau=tau: ref_soft(
+                z, b["topk_ids"], b["topk_logprobs"], "actual_bin", tau, b["labels"], b["actual_logprob"]
+            ),
+        )
+        cases[f"sampled-tau{tau}"] = (
+            lambda zs, b, tau=tau: sampled_cross_entropy(
+                zs, b["sample_ids"], b["sample_weights"], temperature=tau
+            ),
+            lambda z, b, tau=tau: ref_sampled(z, b["sample_ids"], b["sample_weights"], tau),
+        )
     for tail in ("none", "renormalize", "tail_bucket"):
         for tau in (1.0, 0.7, 2.5):
             cases[f"soft-{tail}-tau{tau}"] = (
@@ -210,6 +315,13 @@ DISTILL_SETTINGS: dict[str, dict] = {
     ),
     "hard": dict(kind="hard", tail="tail_bucket", alpha=1.0, temperature=1.0, no_teacher="hard"),
     "mse-mix-fallback": dict(kind="mse", tail="none", alpha=0.5, temperature=1.0, no_teacher="hard"),
+    "soft-actualbin-mix-tau1.5-fallback": dict(
+        kind="soft", tail="actual_bin", alpha=0.8, temperature=1.5, no_teacher="hard"
+    ),
+    "sampled-mix-tau2-fallback": dict(
+        kind="sampled", tail="tail_bucket", alpha=0.7, temperature=2.0, no_teacher="hard"
+    ),
+    "sampled-mask": dict(kind="sampled", tail="tail_bucket", alpha=1.0, temperature=1.0, no_teacher="mask"),
 }
 
 
@@ -282,7 +394,14 @@ def _gradcheck(rank: int, world: int) -> bool:
         lambda full: distillation_loss(ToShard.apply(full), batch, settings, inplace=False)[0],
         (z.clone().requires_grad_(),),
     )
-    return bool(soft_ok and mixed_ok)
+    more_ok = True
+    for extra in (dict(kind="soft", tail="actual_bin"), dict(kind="sampled")):
+        s = LossSettings(**(dict(alpha=0.7, temperature=1.6, no_teacher="hard") | extra))
+        more_ok &= torch.autograd.gradcheck(
+            lambda full, s=s: distillation_loss(ToShard.apply(full), batch, s, inplace=False)[0],
+            (z.clone().requires_grad_(),),
+        )
+    return bool(soft_ok and mixed_ok and more_ok)
 
 
 def _seed_gradient_gap(rank: int, world: int) -> dict[str, float]:
