@@ -21,7 +21,7 @@ from storage.catalog import Catalog
 from storage.shards import shard_dir
 
 SNAPSHOT_DIR = "snapshots"
-MANIFEST_VERSION = 2  # 2: rows in sample-id order
+MANIFEST_VERSION = 2  # 2: rows in order_key order
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class ShardSelection:
     path: Path
     bytes: int
     sha256: str
-    rows: np.ndarray  # int64 row indices, in sample-id order
+    rows: np.ndarray  # int64 row indices, in order_key order
 
     def check(self) -> None:
         """Fail, naming the file, if the shard is gone or is not the file the snapshot was made from."""
@@ -62,17 +62,41 @@ def _ranges(rows: list[int]) -> list[list[int]]:
     return runs
 
 
-def _by_sample_id(rows: list[tuple]) -> list[tuple[str, list[tuple]]]:
-    """Catalog rows ``(shard, row, sample_id, ...)`` grouped by shard, each shard's rows in sample-id order and
-    the shards in the order of their first sample id. Rows within a shard follow the order in which the teacher
-    answered, and shard names are random: without this the reader's order (and so training batches and the
-    held-out order) would change from one collection to the next. Which records share a shard still depends on
-    the collector's timing when it writes several shards."""
+def order_key(prompt: str | None, text: bytes) -> str:
+    """The order of records in a snapshot: a hash of the prompt and the bytes of the scored or generated text,
+    so it is the same whatever the teacher's name, the time it answered or the shard a record landed in."""
+    return hashlib.sha256((prompt or "").encode() + b"\x00" + text).hexdigest()
+
+
+def shard_order_keys(path: Path) -> list[str]:
+    """``order_key`` of every row of a shard file (its text: the bytes of its tokens)."""
+    from storage.schema import TOKEN_COLUMNS, TOPK_COLUMNS
+    from storage.shards import read_shard_arrays
+
+    arrays = read_shard_arrays(path, columns=["prompt", *TOKEN_COLUMNS, *TOPK_COLUMNS])
+    prompts = arrays.table.column("prompt").to_pylist()
+    pieces, offsets = arrays.vocab_bytes, arrays.row_offsets
+    return [
+        order_key(prompt, b"".join(pieces[t] for t in arrays.tokens[offsets[r] : offsets[r + 1]]))
+        for r, prompt in enumerate(prompts)
+    ]
+
+
+def _by_content(rows: list[tuple], directory: Path) -> list[tuple[str, list[tuple]]]:
+    """Catalog rows ``(shard, row, sample_id, ...)`` grouped by shard, each shard's rows in ``order_key``
+    order and the shards in the order of their first key. Rows within a shard follow the order in which the
+    teacher answered and shard names are random: without this the reader's order (training batches, held-out
+    order) would change from one collection to the next. Which records share a shard still depends on the
+    collector's timing when it writes several shards (evaluation sorts all documents by ``order_key``)."""
     groups: dict[str, list[tuple]] = {}
     for row in rows:
         groups.setdefault(row[0], []).append(row)
-    ordered = [(shard, sorted(group, key=lambda r: r[2])) for shard, group in groups.items()]
-    return sorted(ordered, key=lambda item: item[1][0][2])
+    ordered = []
+    for shard, group in groups.items():
+        keys = shard_order_keys(directory / shard)
+        ordered.append((shard, sorted(group, key=lambda r: keys[r[1]]), keys))
+    ordered.sort(key=lambda item: item[2][item[1][0][1]])
+    return [(shard, group) for shard, group, _ in ordered]
 
 
 def _expand(runs: list[list[int]]) -> np.ndarray:
@@ -112,7 +136,7 @@ def create_snapshot(
     rows = catalog.select(splits=splits, teacher=teacher, mode=mode, params=params, max_samples=max_samples)
     shards, samples = [], 0
     directory = shard_dir(catalog.data_dir)
-    for shard, group in _by_sample_id(rows):
+    for shard, group in _by_content(rows, directory):
         indices = [row for _, row, *_ in group]
         info = catalog.shard_info(shard)
         ShardSelection(directory / shard, info.bytes, info.sha256, np.zeros(0)).check()

@@ -2,8 +2,18 @@
 
 import warnings
 
-# megatron-core warns at import time that Apex / Transformer Engine are missing; the torch fallbacks it then
-# uses are exactly what this project runs on CPU, so the warnings carry no information here.
-warnings.filterwarnings(
-    "ignore", message=".*(Apex is not installed|Transformer Engine and Apex|CUDA_DEVICE_MAX_CONNECTIONS).*"
-)
+# Third-party warnings every run would print, silenced at their source (ours are kept). megatron-core warns at
+# import that Apex / Transformer Engine are missing: the torch fallbacks it then uses are exactly what this
+# project runs on CPU. Its default ``cuda_graph_scope`` warns as deprecated although we never set it. Its
+# checkpoint strategy calls torch's deprecated ``load_state_dict`` and ShardedTensor path (FutureWarnings of
+# torch.distributed.checkpoint); both are inside megatron-core 0.16.1, which we pin.
+for _message in (
+    "Apex is not installed",
+    "Transformer Engine and Apex",
+    "Transformer Engine is not installed",
+    "CUDA_DEVICE_MAX_CONNECTIONS",
+    "full scope is deprecated",
+):
+    warnings.filterwarnings("ignore", message=f".*{_message}.*")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing")

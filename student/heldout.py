@@ -8,7 +8,8 @@ first window that holds it after the labels already scored. So every scored labe
 before it up to the context length in the first window, and at least ``context - stride`` tokens after that.
 
 ``load_documents`` reads a snapshot manifest (documents in manifest order: ``storage.snapshot`` lists records
-by sample id, so the order does not depend on when the teacher answered) through the storage reader's own
+by ``storage.snapshot.order_key``, a hash of the prompt and text, and so are the documents here: the order
+does not depend on the teacher's name, when it answered or which shard a record landed in) through the storage reader's own
 mapping to the student's vocabulary, or a ``.npz`` token corpus (``student.batches``).
 """
 
@@ -48,7 +49,7 @@ class Documents:
         )
 
     def take(self, order: np.ndarray) -> Documents:
-        """The documents in ``order`` (evaluation reads them by sample id, whatever the shard layout)."""
+        """The documents in ``order`` (evaluation reads them by ``order_key``, whatever the shard layout)."""
         from storage.codec import concat_ranges, segment_starts
 
         lengths = np.diff(self.offsets)[order]
@@ -92,12 +93,13 @@ def load_documents(data: Path, tokenizer: Any) -> Documents:
     import pyarrow.parquet as pq
 
     from storage.reader import PackedReader, _gather
+    from storage.snapshot import shard_order_keys
     from teacher.alignment import vocab_mapper
 
     reader = PackedReader(
         data, seq_len=2, micro_batch_size=1, map_vocab=vocab_mapper(tokenizer), encode=tokenizer.encode
     )
-    offsets, tokens, ids, logprobs, sample_ids, base = [np.zeros(1, np.int64)], [], [], [], [], 0
+    offsets, tokens, ids, logprobs, sample_ids, keys, base = [np.zeros(1, np.int64)], [], [], [], [], [], 0
     for index, shard in enumerate(reader.snapshot.shards):
         docs = reader._docs_of(index)
         shard_ids, shard_logprobs, _ = _gather(docs.tables, docs.row, reader.k, False)
@@ -108,6 +110,8 @@ def load_documents(data: Path, tokenizer: Any) -> Documents:
         logprobs.append(shard_logprobs)
         column = pq.read_table(shard.path, columns=["sample_id"]).column("sample_id")
         sample_ids += column.take(pa.array(shard.rows)).to_pylist()
+        shard_keys = shard_order_keys(shard.path)
+        keys += [shard_keys[r] for r in shard.rows]
     k = reader.k
     docs = Documents(
         np.concatenate(offsets),
@@ -116,7 +120,7 @@ def load_documents(data: Path, tokenizer: Any) -> Documents:
         np.concatenate(logprobs) if logprobs else np.zeros((0, k), np.float32),
         sample_ids,
     )
-    return docs.take(np.argsort(np.array(sample_ids, dtype=object), kind="stable"))
+    return docs.take(np.argsort(np.array(keys, dtype=object), kind="stable"))
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int]]:

@@ -30,7 +30,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -63,16 +62,6 @@ from student.settings import LossSettings, ModelSettings, TrainSettings
 from student.specs import read_spec
 from student.tokenizer import StudentTokenizer
 from teacher.alignment import vocab_mapper
-
-for _message in (
-    "Apex is not installed",
-    "Transformer Engine and Apex",
-    "full scope is deprecated",
-    "CUDA_DEVICE_MAX_CONNECTIONS",
-):
-    warnings.filterwarnings("ignore", message=f".*{_message}.*")
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.checkpoint")
-warnings.filterwarnings("ignore", category=FutureWarning, module=r"megatron\.core\.dist_checkpointing")
 
 
 class TrainSpec(BaseModel):

@@ -62,6 +62,13 @@ class TeacherSettings(BaseModel):
         ge=0,
         description="Retries of a failed request (429, 5xx, timeouts, dropped connections, missing logprobs).",
     )
+    max_failed_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Share of the requests asked in one collection that may fail for good (after retries) "
+        "before the run fails; below it the run goes on with what was stored and reports the failures.",
+    )
     on_bad_line: Literal["fail", "skip"] = Field(
         "fail", description="What a malformed input line does: fail the run, or skip it and count it."
     )

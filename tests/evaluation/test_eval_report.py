@@ -118,7 +118,7 @@ def test_report_of_a_run_without_metrics_fails_clearly(tmp_path, capsys):
 
 
 def test_report_wording_follows_the_interval_rule():
-    """"X is better" only when the interval over files and seeds excludes 0 with more than one seed;
+    """ "X is better" only when the interval over files and seeds excludes 0 with more than one seed;
     otherwise "no difference shown"."""
     from pipeline.report import _verdict
 
