@@ -145,7 +145,9 @@ def main() -> None:
     ratio = ours / baseline
     print(f"teacher: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32), {THREADS} threads")
     print(f"  transformers forward      {baseline:10.0f} tokens/s  ({rounds} x {rows} x {tokens} tokens)")
-    print(f"  local server, top-{TOP_K}, c={CONCURRENCY} {ours:10.0f} tokens/s  ratio {ratio:.2f} (target >= 0.9)")
+    print(
+        f"  local server, top-{TOP_K}, c={CONCURRENCY} {ours:10.0f} tokens/s  ratio {ratio:.2f} (target >= 0.9)"
+    )
     print(
         f"  top-{TOP_K} ids equal to transformers' GGUF load at {check['same_top20_ids_rate']:.4f} of "
         f"{check['positions']} positions; max |logprob diff| {check['max_logprob_diff']:.2e}"

@@ -30,9 +30,13 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     """(proxy base URL, teacher tokenizer path): every request holding MARKER gets a 500."""
     folder = tmp_path_factory.mktemp("teacher")
     tokenizer = StudentTokenizer.train(CORPUS * 20, vocab_size=290).save(folder / "tokenizer.json")
-    model = ModelSettings(num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64, seq_length=512)
+    model = ModelSettings(
+        num_layers=1, hidden_size=32, num_attention_heads=2, ffn_hidden_size=64, seq_length=512
+    )
     with (
-        local_teacher_server(LocalTeacherSettings(), random_init=model, tokenizer=tokenizer, seed=3) as server,
+        local_teacher_server(
+            LocalTeacherSettings(), random_init=model, tokenizer=tokenizer, seed=3
+        ) as server,
         fault_proxy(server.base_url.removesuffix("/v1"), {"match": {MARKER: "500"}}) as proxy,
     ):
         yield proxy.base_url, tokenizer
