@@ -94,6 +94,11 @@ def preflight(config: DistillConfig) -> None:
         for path in config.corpus.paths:
             if not Path(path).is_file():
                 raise ConfigError(f"corpus.paths: input file {path} not found")
+    init = config.model.init
+    if init is not None and not (Path(init).is_file() if init.endswith(".gguf") else Path(init).is_dir()):
+        raise ConfigError(
+            f"model.init: {init} not found; expected a Hugging Face Llama directory or a .gguf file"
+        )
     if config.tokenizer.path is not None and not Path(config.tokenizer.path).is_file():
         raise ConfigError(f"tokenizer.path: {config.tokenizer.path} not found")
     if not config.students:
@@ -137,14 +142,18 @@ def execute(ctx: stages.Context, executor: Executor) -> StageResult:
     tokenizer, teacher = teacher_stages(ctx, executor, corpus)
     collected = executor.run(stages.collect(ctx, corpus, teacher))
     snapshot = executor.run(stages.snapshot(ctx, collected))
+    init_gguf = stages.student_init_gguf(config)
+    init = executor.run(stages.converted_gguf(ctx, init_gguf, "student_init")) if init_gguf else None
     runs = [(name, seed) for seed in config.evaluate.seeds for name in config.students]
     trained = executor.run_parallel(
-        [stages.train(ctx, name, snapshot, tokenizer, seed) for name, seed in runs]
+        [stages.train(ctx, name, snapshot, tokenizer, seed, init) for name, seed in runs]
     )
     students: stages.Trained = {name: [] for name in config.students}
     for (name, seed), result in zip(runs, trained, strict=True):
         students[name].append((seed, result))
-    evaluated = executor.run(stages.evaluate(ctx, students, snapshot, tokenizer, teacher, corpus, collected))
+    evaluated = executor.run(
+        stages.evaluate(ctx, students, snapshot, tokenizer, teacher, corpus, collected, init)
+    )
     return executor.run(stages.report(ctx, collected, snapshot, students, evaluated))
 
 

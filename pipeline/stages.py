@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.cache import StageResult, StageSpec, hash_file, stage_key
+from pipeline.cache import StageResult, StageSpec, hash_file, hash_tree, hash_value, stage_key
 from pipeline.config import DistillConfig
 
 Log = Callable[[str], None]
@@ -154,22 +154,43 @@ def tokenizer(
     return StageSpec("tokenizer", key, build)
 
 
-def teacher_model(ctx: Context) -> StageSpec:
-    """The local teacher's GGUF file dequantized into a Hugging Face Llama directory, once per file content."""
-    gguf = local_teacher_gguf(ctx.config)
-    if gguf is None:
-        raise ValueError("teacher_model: the local teacher is not a GGUF file")
+def converted_gguf(ctx: Context, gguf: Path, name: str) -> StageSpec:
+    """A GGUF file dequantized into a Hugging Face Llama directory (``checkpoint`` in the info), once per file
+    content: ``teacher_model`` (the local teacher) or ``student_init`` (``[model] init``)."""
 
     def build(out: Path, resume: bool) -> dict[str, Any]:
         from student.gguf_import import convert_gguf
 
-        ctx.log(f"teacher_model: converting {gguf}")
+        ctx.log(f"{name}: converting {gguf}")
         convert_gguf(gguf, out / "model")
         config = json.loads((out / "model" / "config.json").read_text(encoding="utf-8"))
         return {"checkpoint": "model", "source": str(gguf), "vocab_size": config["vocab_size"]}
 
-    key = stage_key("teacher_model", {}, {"gguf": hash_file(gguf)}, ["student.gguf_import"])
-    return StageSpec("teacher_model", key, build)
+    key = stage_key(name, {}, {"gguf": hash_file(gguf)}, ["student.gguf_import"])
+    return StageSpec(name, key, build)
+
+
+def teacher_model(ctx: Context) -> StageSpec:
+    """The local teacher's GGUF file (the bundled SmolLM2 or a path) as a Hugging Face Llama directory."""
+    gguf = local_teacher_gguf(ctx.config)
+    if gguf is None:
+        raise ValueError("teacher_model: the local teacher is not a GGUF file")
+    return converted_gguf(ctx, gguf, "teacher_model")
+
+
+def student_init_gguf(config: DistillConfig) -> Path | None:
+    """``[model] init`` when it names a GGUF file (converted by the ``student_init`` stage), else None."""
+    init = config.model.init
+    return Path(init) if init is not None and init.endswith(".gguf") else None
+
+
+def student_init(config: DistillConfig, init_result: StageResult | None) -> Path | None:
+    """The Hugging Face directory students start from (``[model] init``), None for a fresh model."""
+    if config.model.init is None:
+        return None
+    if init_result is not None:
+        return Path(init_result.path) / init_result.info["checkpoint"]
+    return Path(config.model.init)
 
 
 # ---------------------------------------------------------------------------------------------- training helpers
@@ -295,8 +316,6 @@ def teacher_checkpoint(config: DistillConfig, teacher_result: StageResult | None
 def teacher_identity(config: DistillConfig, teacher_result: StageResult | None) -> str:
     """The model name records are stored under. A local teacher's name carries a hash of its weights, so a
     retrained teacher never reuses the records of the previous one (its sample ids differ)."""
-    from pipeline.cache import hash_tree, hash_value
-
     checkpoint = teacher_checkpoint(config, teacher_result)
     if checkpoint is None:
         return config.teacher.model
@@ -519,11 +538,19 @@ def train_stage_name(student: str, seed: int, seeds: list[int]) -> str:
 
 
 def train(
-    ctx: Context, student: str, snapshot_result: StageResult, tok_result: StageResult, seed: int | None = None
+    ctx: Context,
+    student: str,
+    snapshot_result: StageResult,
+    tok_result: StageResult,
+    seed: int | None = None,
+    init_result: StageResult | None = None,
 ) -> StageSpec:
     """One student (``[students.<name>]``) trained with one seed (default: the first of ``[evaluate] seeds``):
-    torchrun at TP x DP over the train snapshot, validated on val."""
+    torchrun at TP x DP over the train snapshot, validated on val; from ``[model] init``'s weights when set
+    (``init_result``: its conversion, for a GGUF file)."""
     config = ctx.config
+    init = student_init(config, init_result)
+    model = config.model.model_copy(update={"init": str(init) if init is not None else None})
     loss = config.students[student]
     seeds = config.evaluate.seeds
     seed = seeds[0] if seed is None else seed
@@ -534,7 +561,7 @@ def train(
         val = snapshot_result.file("val.json")
         has_val = json.loads(val.read_text(encoding="utf-8"))["samples"] > 0
         spec = _train_spec(
-            config.model,
+            model,
             train_settings,
             loss,
             tok_result.file("tokenizer.json"),
@@ -555,14 +582,17 @@ def train(
             "seed": seed,
         }
 
+    inputs = {
+        "train": snapshot_result.hash_of("train.json"),
+        "val": snapshot_result.hash_of("val.json", "test.json"),
+        "tokenizer": tok_result.hash_of("tokenizer.json"),
+    }
+    if init is not None:  # the weights themselves, not their path
+        inputs["init"] = init_result.hash_of() if init_result is not None else hash_value(hash_tree(init))
     key = stage_key(
         name,
         {"model": config.model, "train": train_settings, "loss": loss},
-        {
-            "train": snapshot_result.hash_of("train.json"),
-            "val": snapshot_result.hash_of("val.json", "test.json"),
-            "tokenizer": tok_result.hash_of("tokenizer.json"),
-        },
+        inputs,
         ["student", "storage", "teacher.alignment"],
     )
     return StageSpec(name, key, build, resumable=True)
@@ -598,9 +628,10 @@ def evaluate(
     teacher_result: StageResult | None,
     corpus_result: StageResult,
     collect_result: StageResult,
+    init_result: StageResult | None = None,
 ) -> StageSpec:
-    """Held-out metrics of every student and seed (and the local teacher) on the test snapshot, at the training
-    TP; documents clustered by source file."""
+    """Held-out metrics of every student and seed (and the local teacher) on the test snapshot, with as many
+    processes as training (``evaluation_tp``); documents clustered by source file."""
     config = ctx.config
     teacher_ckpt = teacher_checkpoint(config, teacher_result)
 
@@ -617,9 +648,8 @@ def evaluate(
             for seed, r in runs
         }
         if teacher_ckpt is not None:
-            log = (
-                teacher_result.file(teacher_result.info["train_log"]) if teacher_result is not None else None
-            )
+            train_log = teacher_result.info.get("train_log") if teacher_result is not None else None
+            log = teacher_result.file(train_log) if train_log else None
             models["teacher"] = {
                 "checkpoint": str(teacher_ckpt),
                 "role": "teacher",
@@ -631,7 +661,7 @@ def evaluate(
             "tokenizer": str(tok_result.file("tokenizer.json")),
             "models": models,
             "out": str(out / "metrics.json"),
-            "tensor_parallel": config.train.tensor_parallel,
+            "tensor_parallel": evaluation_tp(config, teacher_ckpt, student_init(config, init_result)),
             "seed": config.run.seed,
             "clusters": str(_clusters(corpus_result, collect_result, out)),
         }
@@ -658,6 +688,31 @@ def evaluate(
         ["student", "storage", "teacher.alignment"],
     )
     return StageSpec("evaluate", key, build)
+
+
+def _parallel_shape(checkpoint: Path) -> tuple[int, int]:
+    """(key/value heads, ffn width) of a Hugging Face directory or a student.train checkpoint."""
+    if (checkpoint / "config.json").is_file():
+        hf = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+        return int(hf.get("num_key_value_heads") or hf["num_attention_heads"]), int(hf["intermediate_size"])
+    model = json.loads((checkpoint / "meta.json").read_text(encoding="utf-8"))["model"]
+    return int(model.get("num_query_groups") or model["num_attention_heads"]), int(model["ffn_hidden_size"])
+
+
+def evaluation_tp(config: DistillConfig, teacher: Path | None, init: Path | None = None) -> int:
+    """The largest tensor-parallel size up to the training one that every evaluated model can be split at
+    (SmolLM2-135M's 3 key/value heads cannot be split in 2); the rest of the processes split the held-out
+    documents (data parallel), so evaluation uses as many processes as training. ``init``: the students'
+    starting checkpoint, whose architecture replaces ``[model]``'s."""
+    model = config.model
+    shapes = [_parallel_shape(init)] if init is not None else []
+    shapes = shapes or [(model.num_query_groups or model.num_attention_heads, model.ffn_hidden_size)]
+    if teacher is not None:
+        shapes.append(_parallel_shape(teacher))
+    tp = config.train.tensor_parallel
+    return max(
+        t for t in range(1, tp + 1) if tp % t == 0 and all(g % t == 0 and f % t == 0 for g, f in shapes)
+    )
 
 
 def _data_stats(collect_result: StageResult, snapshot_result: StageResult, data_dir: Path) -> dict[str, Any]:

@@ -9,7 +9,9 @@ per token):
    a single student id becomes it; one without is spelled as several student tokens (the teacher's top-k stays
    on the first piece); a top-k candidate without a single student id is dropped (counted in ``coverage``).
    Generate-mode records are prefixed by ``encode(prompt)`` (no teacher targets on prompt positions).
-3. The window's documents are shuffled and appended to one token stream; row ``r`` takes stream tokens
+3. The window's documents are put in the order of a hash of their tokens, then shuffled by ``(seed, epoch)``
+   (so a seed gives the same order of the same content whichever shard each record landed in, as long as the
+   snapshot's shards fit in one window), and appended to one token stream; row ``r`` takes stream tokens
    ``[rS, rS + S]`` (inputs ``[rS, rS + S)``, labels shifted by one), so a document longer than a row continues
    in the next one. Positions and ``doc_ids`` restart at each document and at each row (attention never crosses
    a row). The teacher's top-k attached to a token is the target of the label that is that token.
@@ -22,6 +24,7 @@ per token):
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -232,6 +235,16 @@ class _Docs:
         lengths = np.diff(self.doc_offsets)[order]
         index = concat_ranges(self.doc_offsets[:-1][order], lengths)
         return _Docs(segment_starts(lengths), self.tokens[index], self.row[index], self.tables)
+
+    def content_order(self, first: int) -> np.ndarray:
+        """Indices of documents ``first..D-1`` sorted by a hash of their tokens: an order that depends on what
+        the documents hold, not on which shard (or position in it) the collector happened to put them."""
+        starts, ends = self.doc_offsets[first:-1], self.doc_offsets[first + 1 :]
+        keys = [
+            hashlib.blake2b(self.tokens[a:b].tobytes(), digest_size=16).digest()
+            for a, b in zip(starts, ends, strict=True)
+        ]
+        return first + np.array(sorted(range(len(keys)), key=keys.__getitem__), dtype=np.int64)
 
     def tail(self, start: int, k: int, with_logits: bool, extras: dict[str, int]) -> _Docs:
         """Tokens from ``start`` on, as one document, with their table rows copied into one compact table."""
@@ -533,20 +546,20 @@ class PackedReader:
         )  # fmt: skip
 
     def _epoch(self, epoch: int, skip_batches: int) -> Iterator[dict[str, torch.Tensor]]:
-        rng = np.random.default_rng([self.seed, epoch])
         n = len(self.snapshot.shards)
-        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
         rows_per_batch = self.micro_batch_size * self.dp_size
         own_start = self.dp_rank * self.micro_batch_size
         carry = _Stream(_pad_docs(0), np.zeros(0, np.int64))
         next_doc, row, pending = 0, 0, []
         batch_index = 0
         for w in range(0, n, self.shuffle_window):
+            rng = np.random.default_rng([self.seed, epoch, 1, w])  # the same whatever the number of shards
             parts = [self._docs_of(i) for i in order[w : w + self.shuffle_window]]
             count = sum(len(p.doc_offsets) - 1 for p in parts)
             docs = _Docs.concat([carry.docs, *parts])
-            if self.shuffle:  # the carry (document 0 here) stays first
-                docs = docs.take(np.concatenate([[0], rng.permutation(count) + 1]))
+            if self.shuffle:  # the carry (document 0 here) stays first; a seed gives one order of the content
+                docs = docs.take(np.concatenate([[0], docs.content_order(1)[rng.permutation(count)]]))
             new_lengths = np.diff(docs.doc_offsets)[1:]
             doc_of_token = np.repeat(np.arange(next_doc, next_doc + count), new_lengths)
             stream = _Stream(docs, np.concatenate([carry.doc_of_token, doc_of_token]))
