@@ -305,6 +305,27 @@ def _batches(docs: Documents, chunk: range, context: int, stride: int, size: int
         yield window_batch(docs, chosen[i : i + size], context, size)
 
 
+CACHE_BYTES = 256 << 20
+"""Memory for one chunk's full-vocabulary float64 log-probabilities (the teacher's, then each student's): at a
+real vocabulary (SmolLM2: 49,152) eight documents of 300 tokens would hold about 1 GB per copy."""
+
+
+def document_chunks(docs: Documents, max_docs: int, vocab_size: int) -> list[range]:
+    """Consecutive documents grouped so that a chunk holds at most ``max_docs`` documents and (unless one
+    document alone is longer) at most ``CACHE_BYTES`` of float64 log-probabilities over the vocabulary."""
+    budget = max(1, CACHE_BYTES // (8 * vocab_size))
+    lengths = np.diff(docs.offsets)
+    chunks, first, tokens = [], 0, 0
+    for index, length in enumerate(lengths):
+        if index > first and (index - first >= max_docs or tokens + length > budget):
+            chunks.append(range(first, index))
+            first, tokens = index, 0
+        tokens += int(length)
+    if first < len(lengths):
+        chunks.append(range(first, len(lengths)))
+    return chunks
+
+
 @torch.no_grad()
 def teacher_cache(
     runner: Any, docs: Documents, chunk: range, spec: EvalSpec, vocab_size: int
@@ -663,11 +684,9 @@ def run(spec: EvalSpec) -> dict[str, Any] | None:
         runners = {name: load_model(name, entry, spec.tokenizer) for name, entry in spec.models.items()}
         reason = full_vocab_reason(teacher, runners, tokenizer)
         values = {name: {f: np.full(len(docs.tokens), np.nan) for f in VALUE_FIELDS} for name in spec.models}
-        chunk_size = spec.micro_batch_size
-        for number, first in enumerate(range(0, len(docs), chunk_size)):
+        for number, chunk in enumerate(document_chunks(docs, spec.micro_batch_size, tokenizer.vocab_size)):
             if number % env.dp != env.dp_rank:
                 continue
-            chunk = range(first, min(first + chunk_size, len(docs)))
             cache = None
             if reason is None:
                 cache = teacher_cache(runners[teacher], docs, chunk, spec, tokenizer.vocab_size)

@@ -12,7 +12,8 @@ import torch
 
 from pipeline.report import append_eval_results
 from student.evaluate import main as evaluate_main
-from student.evaluate import token_stats
+from student.evaluate import CACHE_BYTES, document_chunks, token_stats
+from student.heldout import Documents
 from student.tokenizer import StudentTokenizer
 from tests.evaluation.evalsupport import write_eval_spec
 
@@ -253,3 +254,19 @@ def test_held_out_snapshot_documents_follow_content_order_whatever_the_shard_lay
     assert np.array_equal(first.topk_logprobs, second.topk_logprobs)
     facts = first.label_facts()
     assert facts["hard"].sum() == len(first.tokens) - len(first)  # every token but each document's first
+
+
+def test_document_chunks_bound_the_full_vocabulary_cache():
+    """Chunks of consecutive documents: every document exactly once, at most max_docs per chunk, and at most
+    CACHE_BYTES of float64 log-probabilities unless one document alone is longer (a real vocabulary of 49k
+    at eight 300-token documents per chunk was killed for memory)."""
+    lengths = np.array([300, 10, 250, 400, 5, 5, 5, 900, 60])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    docs = Documents(offsets, np.zeros(offsets[-1], np.int64), np.zeros((offsets[-1], 1), np.int64),
+                     np.zeros((offsets[-1], 1), np.float32), [None] * len(lengths))  # fmt: skip
+    vocab = CACHE_BYTES // (8 * 700)  # a budget of 700 tokens
+    chunks = document_chunks(docs, max_docs=3, vocab_size=vocab)
+    assert [i for chunk in chunks for i in chunk] == list(range(len(lengths)))
+    assert all(len(chunk) <= 3 for chunk in chunks)
+    assert all(sum(lengths[list(chunk)]) <= 700 or len(chunk) == 1 for chunk in chunks)
+    assert [list(c) for c in chunks] == [[0, 1, 2], [3, 4, 5], [6], [7], [8]]
