@@ -65,17 +65,21 @@ SECRET_KEY = re.compile(r"(^|_)(api_key|password|secret)$")
 class DataStats(TypedDict, total=False):
     """What the pipeline knows about the data, passed to the report (every key optional).
 
-    ``samples`` / ``tokens``: per split (``train``, ``val``, ``test``), teacher tokens stored; ``bytes_per_token``:
-    Parquet bytes per stored position; ``alignment_coverage``: share of teacher top-k entries that mapped onto a
-    student id (0..1); ``collection_failures``: requests that failed after every retry; ``cost_tokens``: usage the
-    teacher API reported, ``{"prompt": n, "completion": n}``. Other keys are shown as given.
+    ``samples`` / ``tokens``: per split (``train``, ``val``, ``test``), teacher tokens stored;
+    ``storage_bytes_per_token``: Parquet bytes on disk per stored position; ``alignment_coverage``: share of
+    teacher top-k entries that mapped onto a student id (0..1), ``alignment``: how (identity or by bytes);
+    ``collection_failures``: requests that failed after every retry, ``collection_failure_reasons``: how many
+    for each reason; ``cost_tokens``: usage the teacher API reported, ``{"prompt": n, "completion": n}``. Other
+    keys are shown as given.
     """
 
     samples: dict[str, int]
     tokens: dict[str, int]
-    bytes_per_token: float
+    storage_bytes_per_token: float
     alignment_coverage: float
+    alignment: str
     collection_failures: int
+    collection_failure_reasons: dict[str, int]
     cost_tokens: dict[str, int]
 
 

@@ -347,10 +347,11 @@ def _teacher_endpoint(
 
 
 def failure_reasons(failures: list[Any]) -> dict[str, int]:
-    """How many requests failed for each reason (most frequent first)."""
+    """How many requests failed for each reason (most frequent first; each reason on one line)."""
     counts: dict[str, int] = {}
     for failure in failures:
-        counts[failure.reason] = counts.get(failure.reason, 0) + 1
+        reason = " ".join(failure.reason.split())
+        counts[reason] = counts.get(reason, 0) + 1
     return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
@@ -715,6 +716,32 @@ def evaluation_tp(config: DistillConfig, teacher: Path | None, init: Path | None
     )
 
 
+LOW_COVERAGE = 0.9
+"""Below this share of teacher top-k entries mapping onto a student token, the report and the log warn: the
+student's tokenizer cannot express much of what the teacher says (share the teacher's: tokenizer.source)."""
+
+
+def _alignment(students: Trained, ctx: Context) -> dict[str, Any]:
+    """Alignment of the teacher's top-k to the student vocabulary, as the first training run's reader saw it."""
+    summary = next(iter(students.values()))[0][1].info.get("summary", {})
+    alignment = summary.get("alignment")
+    if not alignment:
+        return {}
+    coverage = alignment["coverage"]
+    identity = ctx.config.tokenizer.source == "teacher"
+    if coverage < LOW_COVERAGE:
+        ctx.log(
+            f"report: warning: only {coverage:.1%} of the teacher's top-k entries map onto a student token; "
+            "the student learns from the rest of the targets only (tokenizer.source = 'teacher' shares its)"
+        )
+    return {
+        "alignment_coverage": coverage,
+        "alignment": "identity (the student shares the teacher's tokenizer)"
+        if identity
+        else "by token bytes",
+    }
+
+
 def _data_stats(collect_result: StageResult, snapshot_result: StageResult, data_dir: Path) -> dict[str, Any]:
     from storage.catalog import Catalog
 
@@ -724,8 +751,9 @@ def _data_stats(collect_result: StageResult, snapshot_result: StageResult, data_
     return {
         "samples": {split: v["samples"] for split, v in snapshot_result.info.items()},
         "tokens": {split: v["tokens"] for split, v in snapshot_result.info.items()},
-        "bytes_per_token": bytes_per_token,
+        "storage_bytes_per_token": bytes_per_token,
         "collection_failures": info.get("failed", 0),
+        **({"collection_failure_reasons": info["failure_reasons"]} if info.get("failure_reasons") else {}),
         "cost_tokens": {
             "prompt": info.get("prompt_tokens", 0),
             "completion": info.get("completion_tokens", 0),
@@ -753,6 +781,7 @@ def report(
 
         shutil.copy2(evaluate_result.file("metrics.json"), out / "metrics.json")
         stats = _data_stats(collect_result, snapshot_result, Path(config.storage.data_dir))
+        stats |= _alignment(students, ctx)
         curves = {name: runs[0][1].file(runs[0][1].info["train_log"]) for name, runs in students.items()}
         paths = build_report(out, config, stats, curves, title=f"Distillation report: {config.run.name}")
         (out / "report_artifact.md").write_text(

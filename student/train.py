@@ -470,8 +470,16 @@ def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
         "tensor_parallel": env.tp,
         "data_parallel": env.dp,
         "loss": spec.loss.model_dump(),
-        "final_checkpoint": str(out / "final"),
+        "final_checkpoint": "final",  # relative: the pipeline renames this folder once the stage is complete
     }
+    coverage = getattr(train_batches, "coverage", None)
+    if coverage is not None:  # teacher top-k entries that map onto one student token (the reader's mapping)
+        summary["alignment"] = {
+            "entries_kept": coverage.kept,
+            "entries_dropped": coverage.dropped,
+            "coverage": coverage.fraction_kept,
+            "tokens_spelled_in_pieces": coverage.expanded_tokens,
+        }
     if env.is_main:
         _prune_checkpoints(out / "checkpoints", settings.keep_checkpoints)
         tmp = out / "train_summary.json.tmp"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from pipeline.report import append_eval_results
-from student.evaluate import main as evaluate_main
 from student.evaluate import CACHE_BYTES, document_chunks, token_stats
+from student.evaluate import main as evaluate_main
 from student.heldout import Documents
 from student.tokenizer import StudentTokenizer
 from tests.evaluation.evalsupport import write_eval_spec

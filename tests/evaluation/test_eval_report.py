@@ -47,7 +47,7 @@ def run_dir(evaluated_run, tmp_path):
     stats = {
         "samples": {"train": 1800, "val": 100, "test": 200},
         "tokens": {"train": 410_000, "val": 22_000, "test": 45_000},
-        "bytes_per_token": 41.5,
+        "storage_bytes_per_token": 41.5,
         "alignment_coverage": 0.9931,
         "collection_failures": 3,
         "cost_tokens": {"prompt": 480_000, "completion": 0},

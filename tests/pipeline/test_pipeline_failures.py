@@ -79,7 +79,7 @@ def test_failing_prompt_within_the_fraction_completes_and_is_reported(
     assert collect["failed"] == 1 and collect["collected"] == 19, collect
     assert sum(collect["failure_reasons"].values()) == 1 and "500" in next(iter(collect["failure_reasons"]))
     report = (summary_path.parent / "report.md").read_text(encoding="utf-8")
-    assert "failed" in report and "500" in report
+    assert "| collection failures | 1 |" in report and "500" in report
 
 
 def test_failing_prompt_beyond_the_fraction_fails_collect(tmp_path: Path, served: tuple[str, Path]) -> None:
