@@ -6,12 +6,13 @@
      the GGUF; logits only, no top-k, no HTTP: the lower bound of any server's cost), and
    - by the local teacher server over HTTP at concurrency 8, in score mode with ``prompt_logprobs = 20`` (what
      ``distill collect`` asks), through the real ``openai`` client,
-   both with the same number of torch threads. Prints tokens/s of each and the ratio (target >= 0.9).
+   both with the same number of torch threads, in alternating rounds (a change of machine load hits both
+   alike). Prints tokens/s of each and the ratio (target >= 0.9).
 2. Agreement: for the same texts, the server's top-20 ids equal those of ``transformers`` loading the GGUF file
    itself (``from_pretrained(..., gguf_file=...)``, transformers' own dequantization: an independent reference),
    and the logprobs agree within 1e-3.
 
-    .venv/bin/python benchmarks/teacher.py [--quick]
+    .venv/bin/python benchmarks/teacher.py [--quick] [--output FILE]
 
 Writes ``benchmarks/results/teacher.json`` (``server_over_transformers_tokens_per_s``).
 """
@@ -34,12 +35,14 @@ os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
 import torch  # noqa: E402
 from openai import AsyncOpenAI  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: E402
 
 from student.gguf_import import bundled_smollm2_gguf  # noqa: E402
 from student.tokenizer import StudentTokenizer  # noqa: E402
 from teacher.server import cached_gguf_conversion, local_teacher_server  # noqa: E402
 from teacher.settings import LocalTeacherSettings  # noqa: E402
 
+RESULTS = ROOT / "benchmarks" / "results" / "teacher.json"
 TOP_K = 20
 CONCURRENCY = 8
 
@@ -55,17 +58,11 @@ def stdlib_texts(tokenizer: StudentTokenizer, count: int, tokens: int) -> list[l
     return [ids[i * tokens : (i + 1) * tokens] for i in range(count)]
 
 
-def transformers_throughput(model_dir: Path, batches: list[list[list[int]]]) -> float:
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def transformers_seconds(model, batch: list[list[int]]) -> float:
     with torch.no_grad():
-        model(torch.tensor(batches[0][:1]))  # warm-up
         started = time.perf_counter()
-        for batch in batches:
-            model(torch.tensor(batch)).logits.float()
-        seconds = time.perf_counter() - started
-    return sum(len(row) for batch in batches for row in batch) / seconds
+        model(torch.tensor(batch)).logits.float()
+        return time.perf_counter() - started
 
 
 async def _score_all(base_url: str, rows: list[list[int]], concurrency: int) -> list[list[dict | None]]:
@@ -86,19 +83,14 @@ async def _score_all(base_url: str, rows: list[list[int]], concurrency: int) -> 
         await client.close()
 
 
-def server_throughput(base_url: str, batches: list[list[list[int]]]) -> tuple[float, list]:
-    asyncio.run(_score_all(base_url, batches[0][:1], 1))  # warm-up
-    rows = [row for batch in batches for row in batch]
+def server_seconds(base_url: str, batch: list[list[int]]) -> tuple[float, list]:
     started = time.perf_counter()
-    scored = asyncio.run(_score_all(base_url, rows, CONCURRENCY))
-    seconds = time.perf_counter() - started
-    return len(rows) * len(rows[0]) / seconds, scored
+    scored = asyncio.run(_score_all(base_url, batch, CONCURRENCY))
+    return time.perf_counter() - started, scored
 
 
 def agreement(gguf: Path, rows: list[list[int]], scored: list[list[dict | None]]) -> dict:
     """Server top-20 vs transformers' own GGUF load, position by position (the first position has no score)."""
-    from transformers import AutoModelForCausalLM
-
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     same_ids = same_order = positions = 0
     max_diff = 0.0
@@ -125,6 +117,7 @@ def agreement(gguf: Path, rows: list[list[int]], scored: list[list[dict | None]]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one small round (smoke run)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the JSON results")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     rounds, rows, tokens = (1, 2, 64) if args.quick else (3, 8, 256)
@@ -137,14 +130,26 @@ def main() -> None:
     windows = stdlib_texts(tokenizer, rounds * rows, tokens)
     batches = [windows[r * rows : (r + 1) * rows] for r in range(rounds)]
 
-    baseline = transformers_throughput(model_dir, batches)
+    reference = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     settings = LocalTeacherSettings(model=str(gguf), max_batch_size=rows, threads=THREADS, batch_wait_ms=20)
     with local_teacher_server(settings, checkpoint=model_dir) as server:
-        ours, scored = server_throughput(server.base_url, batches)
+        transformers_seconds(reference, batches[0][:2])  # warm-up, both sides
+        server_seconds(server.base_url, batches[0][:2])
+        plain_s = served_s = 0.0
+        scored: list = []
+        for batch in batches:  # alternating rounds: a change of machine load hits both sides alike
+            plain_s += transformers_seconds(reference, batch)
+            seconds, answers = server_seconds(server.base_url, batch)
+            served_s += seconds
+            scored += answers
+    tokens_total = sum(len(row) for batch in batches for row in batch)
+    baseline, ours = tokens_total / plain_s, tokens_total / served_s
     check = agreement(gguf, windows[: 2 if args.quick else 4], scored[: 2 if args.quick else 4])
     ratio = ours / baseline
     print(f"teacher: SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32), {THREADS} threads")
-    print(f"  transformers forward      {baseline:10.0f} tokens/s  ({rounds} x {rows} x {tokens} tokens)")
+    print(
+        f"  transformers forward      {baseline:10.0f} tokens/s  ({rounds} x {rows} x {tokens} tokens, alternating)"
+    )
     print(
         f"  local server, top-{TOP_K}, c={CONCURRENCY} {ours:10.0f} tokens/s  ratio {ratio:.2f} (target >= 0.9)"
     )
@@ -154,6 +159,7 @@ def main() -> None:
     )
     result = {
         "machine": f"{os.cpu_count()} cores, no GPU",
+        "load_average_1min": os.getloadavg()[0],
         "threads": THREADS,
         "quick": args.quick,
         "batches": {"rounds": rounds, "rows": rows, "tokens": tokens},
@@ -163,9 +169,9 @@ def main() -> None:
         "server_over_transformers_tokens_per_s": ratio,
         "agreement": check,
     }
-    out = ROOT / "benchmarks" / "results" / "teacher.json"
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(out)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(args.output)
 
 
 if __name__ == "__main__":

@@ -594,7 +594,7 @@ def train(
         name,
         {"model": config.model, "train": train_settings, "loss": loss},
         inputs,
-        ["student", "storage", "teacher.alignment"],
+        ["student", "storage"],
     )
     return StageSpec(name, key, build, resumable=True)
 
@@ -686,7 +686,7 @@ def evaluate(
         "evaluate",
         {"evaluate": config.evaluate, "tp": config.train.tensor_parallel, "seed": config.run.seed},
         inputs,
-        ["student", "storage", "teacher.alignment"],
+        ["student", "storage"],
     )
     return StageSpec("evaluate", key, build)
 

@@ -127,7 +127,7 @@ class TeacherVocab:
 
 @dataclass
 class TokenMap:
-    """How one teacher vocabulary maps onto the student's, built by ``teacher.alignment`` from token bytes.
+    """How one teacher vocabulary maps onto the student's, built by ``storage.alignment`` from token bytes.
 
     ``single[t]`` is the student id whose bytes equal teacher token ``t``'s, or -1. For a teacher token with no
     single student token, ``expand[t]`` spells its bytes as several student ids: an *actual* token is replaced by

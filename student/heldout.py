@@ -92,9 +92,9 @@ def load_documents(data: Path, tokenizer: Any) -> Documents:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from storage.alignment import vocab_mapper
     from storage.reader import PackedReader, _gather
     from storage.snapshot import shard_order_keys
-    from teacher.alignment import vocab_mapper
 
     reader = PackedReader(
         data, seq_len=2, micro_batch_size=1, map_vocab=vocab_mapper(tokenizer), encode=tokenizer.encode

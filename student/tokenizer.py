@@ -14,7 +14,7 @@ Public API (stable):
 - ``encode(text) -> list[int]``, ``encode_batch(texts) -> list[list[int]]``, ``decode(ids) -> str``.
 - ``token_bytes(id) -> bytes``: the exact bytes a token stands for (a token may be part of a multi-byte
   UTF-8 character); special tokens give their UTF-8 text. ``vocab_bytes() -> list[bytes]``, indexed by id:
-  what ``teacher.alignment`` matches teacher tokens against. A SentencePiece tokenizer that prepends ``▁`` to
+  what ``storage.alignment`` matches teacher tokens against. A SentencePiece tokenizer that prepends ``▁`` to
   the text gives ``b" "`` + the text's bytes when its tokens' bytes are joined (``decode`` drops that space).
 - ``vocab_size`` (ids ``0 .. vocab_size-1``), ``eos_id``; ``bos_id`` (None when there is none);
   ``chat_template`` (None when there is none) and ``render_chat(messages, add_generation_prompt=False)``.

@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from tqdm import tqdm
 
+from storage.alignment import vocab_mapper
 from storage.reader import PackedReader
 from student import checkpoint as ckpt
 from student.batches import TokenBatches, TokenCorpus
@@ -61,7 +62,6 @@ from student.schedule import make_scheduler
 from student.settings import LossSettings, ModelSettings, TrainSettings
 from student.specs import read_spec
 from student.tokenizer import StudentTokenizer
-from teacher.alignment import vocab_mapper
 
 
 class TrainSpec(BaseModel):

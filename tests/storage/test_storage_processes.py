@@ -141,7 +141,7 @@ def test_benchmark_quick_writes_results(tmp_path):
     results = json.loads(out.read_text())
     keys = {"bytes_per_token", "kl_mean", "kl_max", "reader_tokens_per_s"}
     keys |= {"bytes_per_token_int32_f32", "bytes_per_token_int32_f16", "plain_read_tokens_per_s_int32_f32"}
-    for name in ("real", "zipf200k"):
+    for name in ("real", "smollm2", "zipf200k"):
         assert keys <= set(results[name]), results
         assert results[name]["bytes_per_token"] < results[name]["bytes_per_token_int32_f16"]
         assert results[name]["kl_max"] < 1e-3

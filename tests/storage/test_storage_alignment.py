@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from storage.alignment import Coverage, build_token_map, greedy_spelling, vocab_mapper
 from student.tokenizer import StudentTokenizer
-from teacher.alignment import Coverage, build_token_map, greedy_spelling, vocab_mapper
 
 STUDENT = [b"a", b"b", b"c", b"ab", b"abc", b"\xe2", b"\x98", b"\x95", b" "]
 
