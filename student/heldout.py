@@ -155,17 +155,25 @@ def document_windows(docs: Documents, doc_range: range, context: int, stride: in
 
 
 def window_batch(docs: Documents, chosen: list[Window], context: int, batch: int) -> dict[str, torch.Tensor]:
-    """A micro-batch of ``batch`` rows (empty rows after ``chosen``): the batch dict of
-    ``docs/architecture.md`` plus ``key`` [B, S], the global index of each scored label token (-1: not scored).
+    """A micro-batch of one row per window in ``chosen`` (at most ``batch``), as long as its longest window
+    (at most ``context``: a model's context can be far longer than its held-out documents, and the logits are
+    ``[rows, length, V]``): the batch dict of ``docs/architecture.md`` plus ``key`` [B, S], the global index of
+    each scored label token (-1: not scored).
     """
+    if len(chosen) > batch:
+        raise ValueError(f"{len(chosen)} windows for a batch of {batch}")
     k = docs.topk_ids.shape[1]
+    spans = []
+    for w in chosen:
+        first = int(docs.offsets[w.doc]) + w.start
+        spans.append((first, min(first + context + 1, int(docs.offsets[w.doc + 1]))))
+    batch = max(1, len(chosen))
+    context = max([1] + [end - first - 1 for first, end in spans])
     tokens = np.zeros((batch, context), np.int64)
     labels = np.zeros((batch, context), np.int64)
     key = np.full((batch, context), -1, np.int64)
     doc_ids = np.full((batch, context), -1, np.int64)
-    for row, w in enumerate(chosen):
-        first = int(docs.offsets[w.doc]) + w.start
-        end = min(first + context + 1, int(docs.offsets[w.doc + 1]))
+    for row, (w, (first, end)) in enumerate(zip(chosen, spans, strict=True)):
         n = end - first - 1
         tokens[row, :n] = docs.tokens[first : first + n]
         labels[row, :n] = docs.tokens[first + 1 : end]
