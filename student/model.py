@@ -21,14 +21,15 @@ Public API (stable; call after ``student.distributed.init_distributed``):
 Architecture, as Hugging Face's ``LlamaForCausalLM`` computes it: token embedding (no positional table),
 pre-norm blocks of RMSNorm -> attention with RoPE (non-interleaved halves, ``rotary_base``) -> residual ->
 RMSNorm -> SwiGLU MLP (``down(silu(gate(x)) * up(x))``) -> residual, a final RMSNorm and an output layer (tied
-to the embedding when ``tie_embeddings``: megatron's ``share_embeddings_and_output_weights``); no biases, no dropout by default. Weight layout for exporters (megatron names, TP=1):
+to the embedding when ``tie_embeddings``: megatron's ``share_embeddings_and_output_weights``); no biases, no
+dropout by default. Weight layout for exporters (megatron names, TP=1):
 ``decoder.layers.N.self_attention.linear_qkv.weight`` is ``[ng * (np/ng + 2) * hn, h]`` grouped per key/value
 head: for each group g the rows hold its ``np/ng`` query heads, then its key head, then its value head;
 ``mlp.linear_fc1.weight`` is ``[gate; up]`` stacked (``2 * ffn``), ``mlp.linear_fc2`` is ``down``; the norms are
 ``input_layernorm.weight``, ``pre_mlp_layernorm.weight`` and ``decoder.final_layernorm.weight`` (torch
 ``RMSNorm``: ``x * rsqrt(mean(x^2) + eps) * weight``); ``embedding.word_embeddings.weight`` and
-``output_layer.weight`` (absent when tied) are ``[V_padded, h]``. At TP > 1 each rank holds its slice of those (``linear_fc1``:
-its slice of gate stacked on its slice of up); ``dist_checkpointing`` stores the TP=1 layout.
+``output_layer.weight`` (absent when tied) are ``[V_padded, h]``. At TP > 1 each rank holds its slice of those
+(``linear_fc1``: its slice of gate stacked on its slice of up); ``dist_checkpointing`` stores the TP=1 layout.
 
 RoPE angles come from the position within the packed row (megatron ignores ``position_ids`` for RoPE);
 with the block-diagonal mask a score depends only on the offset ``i - j`` inside one document, so each
