@@ -45,6 +45,16 @@ from student.settings import ModelSettings
 from student.tokenizer import StudentTokenizer
 
 
+def _tokenizer_of(
+    directory: Path, tokenizer: str | Path | None, error: type[Exception]
+) -> tuple[Path, StudentTokenizer]:
+    """The given tokenizer, else the ``tokenizer.json`` inside the model directory (``error`` when absent)."""
+    path = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.json"
+    if not path.is_file():
+        raise error(f"{directory}: no tokenizer.json inside; pass the tokenizer explicitly")
+    return path, StudentTokenizer.load(path)
+
+
 @dataclass
 class InferenceModel:
     model: GPTModel
@@ -63,10 +73,7 @@ class InferenceModel:
     def from_checkpoint(cls, directory: str | Path, tokenizer: str | Path | None = None) -> InferenceModel:
         """The checkpoint's model at the current TP size, with its own tokenizer unless one is given."""
         directory = Path(directory)
-        path = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.json"
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: no tokenizer.json inside; pass the tokenizer explicitly")
-        tok = StudentTokenizer.load(path)
+        path, tok = _tokenizer_of(directory, tokenizer, CheckpointError)
         seed_everything(0)  # megatron's attention forks the model-parallel RNG tracker even without dropout
         model, meta = load_checkpoint(directory)
         if tok.vocab_size != meta["vocab_size"]:
@@ -83,10 +90,7 @@ class InferenceModel:
         from student.hf_import import HFImportError, build_from_hf
 
         directory = Path(directory)
-        path = Path(tokenizer) if tokenizer is not None else directory / "tokenizer.json"
-        if not path.is_file():
-            raise HFImportError(f"{directory}: no tokenizer.json inside; pass the tokenizer explicitly")
-        tok = StudentTokenizer.load(path)
+        path, tok = _tokenizer_of(directory, tokenizer, HFImportError)
         seed_everything(0)
         model, settings = build_from_hf(directory)
         if tok.vocab_size != model.true_vocab_size:
