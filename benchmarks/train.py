@@ -6,7 +6,11 @@ mass < 1), their steps interleaved so that machine load affects both alike: ``st
 (forward, ``distillation_loss``, backward, DP all-reduce, clipping, AdamW) with ``kind="soft"`` (tail bucket)
 and ``kind="hard"`` (megatron-core's vocab-parallel CE). Reported: median step time and tokens/s of each, and
 ``soft_over_hard_tokens_per_s`` (1.0 = soft distillation costs nothing extra). CUDA: bf16 autocast, and the
-peak memory of each.
+peak memory of each. Both use the default ``train.fused_output_loss`` (recorded in the JSON).
+
+Then, at vocabularies 49152 and 128k (``fused_vs_unfused``), the soft student with ``fused_output_loss`` on and
+off the same way (4 timed steps): tokens/s and the peak memory of a step of each, and
+``fused_over_unfused_tokens_per_s`` / ``fused_over_unfused_peak_memory``.
 
     .venv/bin/python benchmarks/train.py            # 4 layers, width 256, vocab 32k, 4 x 256 tokens per step
     .venv/bin/python benchmarks/train.py --quick    # tiny smoke run (writes train_quick.json)
@@ -28,12 +32,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.loss import PeakMemory  # noqa: E402
 from student.batches import TokenBatches, TokenCorpus  # noqa: E402
 from student.distributed import init_distributed, seed_everything, teardown  # noqa: E402
 from student.model import build_model  # noqa: E402
-from student.schedule import make_scheduler  # noqa: E402
+from student.optim import make_train_optimizer  # noqa: E402
 from student.settings import LossSettings, ModelSettings, TrainSettings  # noqa: E402
-from student.train import make_optimizer, train_step  # noqa: E402
+from student.train import train_step  # noqa: E402
 
 FULL = {
     "layers": 4,
@@ -44,8 +49,22 @@ FULL = {
     "seq": 256,
     "micro": 4,
     "steps": 12,
+    "fused_steps": 4,
 }
-QUICK = {"layers": 2, "hidden": 64, "heads": 4, "ffn": 128, "vocab": 2000, "seq": 64, "micro": 2, "steps": 4}
+QUICK = {
+    "layers": 2,
+    "hidden": 64,
+    "heads": 4,
+    "ffn": 128,
+    "vocab": 2000,
+    "seq": 64,
+    "micro": 2,
+    "steps": 4,
+    "fused_steps": 2,
+}
+FUSED_VOCABS = (49152, 131072)
+"""Vocabularies of the fused vs unfused output-layer + loss comparison (SmolLM2's 49152, and 128k)."""
+QUICK_FUSED_VOCABS = (4096,)
 K = 20
 LOSSES = {"soft": LossSettings(kind="soft", tail="tail_bucket"), "hard": LossSettings(kind="hard")}
 
@@ -63,16 +82,29 @@ def synthetic_corpus(vocab: int, tokens: int, seed: int = 0) -> TokenCorpus:
     return corpus
 
 
-def run(size: dict, threads: int, tp: int) -> dict:
+def run(size: dict, threads: int, tp: int, fused_vocabs: tuple[int, ...]) -> dict:
     torch.set_num_threads(threads)
     env = init_distributed(tp)
     try:
-        return _measure(size, env)
+        report = _measure(size, env)
+        report["fused_vs_unfused"] = {
+            f"v{vocab}": _fused_vs_unfused(size, vocab, env) for vocab in fused_vocabs
+        }
+        return report
     finally:
         teardown()
 
 
-def _measure(size: dict, env) -> dict:
+def _interleaved(
+    size: dict, vocab: int, env, variants: dict[str, tuple[TrainSettings, LossSettings]], steps: int
+) -> dict[str, dict]:
+    """Train one model per variant (same seed, same batches), steps interleaved; per variant the step times
+    after two warm-up steps, the peak memory of a step and the last loss.
+
+    Peak memory of a step: CUDA ``max_memory_allocated`` (everything allocated, the model included); CPU the
+    step's RSS high-water mark above the RSS before it (``PeakMemory`` of benchmarks/loss.py: what the step
+    allocates on top of the model, optimizer state and batches).
+    """
     model_settings = ModelSettings(
         num_layers=size["layers"],
         hidden_size=size["hidden"],
@@ -80,15 +112,8 @@ def _measure(size: dict, env) -> dict:
         ffn_hidden_size=size["ffn"],
         seq_length=size["seq"],
     )
-    settings = TrainSettings(
-        tensor_parallel=env.tp,
-        data_parallel=env.dp,
-        micro_batch_size=size["micro"],
-        steps=1000,
-        warmup_steps=0,
-    )
     batches = TokenBatches(
-        synthetic_corpus(size["vocab"], size["seq"] * size["micro"] * env.dp * (size["steps"] + 3)),
+        synthetic_corpus(vocab, size["seq"] * size["micro"] * env.dp * (steps + 3)),
         size["seq"],
         size["micro"],
         seed=0,
@@ -96,31 +121,52 @@ def _measure(size: dict, env) -> dict:
         dp_size=env.dp,
     )
     trainers = {}
-    for name in LOSSES:
+    for name, (settings, _) in variants.items():
         seed_everything(1234)
-        model = build_model(model_settings, size["vocab"])
-        optimizer = make_optimizer(model, settings)
-        trainers[name] = (model, optimizer, make_scheduler(optimizer, settings))
+        model = build_model(model_settings, vocab)
+        trainers[name] = (model, make_train_optimizer(model, settings, env))
     cuda = env.device.type == "cuda"
-    times: dict[str, list[float]] = {name: [] for name in LOSSES}
-    peak: dict[str, int] = {}
-    losses: dict[str, float] = {}
+    memory = PeakMemory("cuda" if cuda else "cpu")
+    figures = {name: {"times": [], "peak_bytes": 0} for name in variants}
     warmup = 2
-    for step in range(warmup + size["steps"]):
+    for step in range(warmup + steps):
         micro = [batches.micro_batch(step)]
-        for name, loss_settings in LOSSES.items():
-            model, optimizer, scheduler = trainers[name]
+        for name, (settings, loss_settings) in variants.items():
+            model, optimizer = trainers[name]
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            else:
+                memory.start()
             start = time.perf_counter()
-            result = train_step(model, optimizer, scheduler, micro, settings, loss_settings, env)
+            result = train_step(model, optimizer, micro, settings, loss_settings, env)
             if cuda:
                 torch.cuda.synchronize()
-                peak[name] = max(peak.get(name, 0), torch.cuda.max_memory_allocated())
             if step >= warmup:
-                times[name].append(time.perf_counter() - start)
-            losses[name] = result["loss"]
+                figures[name]["times"].append(time.perf_counter() - start)
+                peak = torch.cuda.max_memory_allocated() if cuda else memory.peak()
+                figures[name]["peak_bytes"] = max(figures[name]["peak_bytes"], peak)
+            figures[name]["loss"] = result["loss"]
+    return figures
+
+
+def _train_settings(size: dict, env, **overrides) -> TrainSettings:
+    return TrainSettings(
+        tensor_parallel=env.tp,
+        data_parallel=env.dp,
+        micro_batch_size=size["micro"],
+        steps=1000,
+        warmup_steps=0,
+        **overrides,
+    )
+
+
+def _measure(size: dict, env) -> dict:
+    settings = _train_settings(size, env)
+    figures = _interleaved(
+        size, size["vocab"], env, {name: (settings, loss) for name, loss in LOSSES.items()}, size["steps"]
+    )
+    cuda = env.device.type == "cuda"
     tokens = size["seq"] * size["micro"] * env.dp
     report = {
         "device": torch.cuda.get_device_name() if cuda else f"cpu ({torch.get_num_threads()} threads)",
@@ -129,17 +175,38 @@ def _measure(size: dict, env) -> dict:
         "size": size,
         "top_k": K,
         "tokens_per_step": tokens,
+        "fused_output_loss": settings.fused_output_loss,
         "load_average_1m": os.getloadavg()[0],  # other work on the machine slows both sides alike
     }
     for name in LOSSES:
-        median = statistics.median(times[name])
+        median = statistics.median(figures[name]["times"])
         report[f"{name}_step_ms"] = 1000 * median
         report[f"{name}_tokens_per_s"] = tokens / median
-        report[f"{name}_final_loss"] = losses[name]
+        report[f"{name}_final_loss"] = figures[name]["loss"]
         if cuda:
-            report[f"{name}_peak_mib"] = peak[name] / 2**20
+            report[f"{name}_peak_mib"] = figures[name]["peak_bytes"] / 2**20
     report["soft_over_hard_tokens_per_s"] = report["soft_tokens_per_s"] / report["hard_tokens_per_s"]
     return report
+
+
+def _fused_vs_unfused(size: dict, vocab: int, env) -> dict:
+    """The soft-CE student at ``vocab`` with ``fused_output_loss`` on and off: tokens/s and peak step memory."""
+    variants = {
+        name: (_train_settings(size, env, fused_output_loss=fused), LOSSES["soft"])
+        for name, fused in (("fused", True), ("unfused", False))
+    }
+    figures = _interleaved(size, vocab, env, variants, size["fused_steps"])
+    tokens = size["seq"] * size["micro"] * env.dp
+    entry: dict = {"vocab": vocab, "load_average_1m": os.getloadavg()[0]}
+    for name in variants:
+        median = statistics.median(figures[name]["times"])
+        entry[f"{name}_step_ms"] = 1000 * median
+        entry[f"{name}_tokens_per_s"] = tokens / median
+        entry[f"{name}_peak_mib"] = figures[name]["peak_bytes"] / 2**20
+        entry[f"{name}_final_loss"] = figures[name]["loss"]
+    entry["fused_over_unfused_tokens_per_s"] = entry["fused_tokens_per_s"] / entry["unfused_tokens_per_s"]
+    entry["fused_over_unfused_peak_memory"] = entry["fused_peak_mib"] / entry["unfused_peak_mib"]
+    return entry
 
 
 def main() -> None:
@@ -155,7 +222,8 @@ def main() -> None:
         "--out", type=Path, help="result JSON (default benchmarks/results/train[_quick].json)"
     )
     args = parser.parse_args()
-    report = run(QUICK if args.quick else FULL, args.threads, args.tp) | {"quick": args.quick}
+    size, vocabs = (QUICK, QUICK_FUSED_VOCABS) if args.quick else (FULL, FUSED_VOCABS)
+    report = run(size, args.threads, args.tp, vocabs) | {"quick": args.quick}
     out = args.out or ROOT / "benchmarks" / "results" / ("train_quick.json" if args.quick else "train.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
@@ -165,6 +233,14 @@ def main() -> None:
             f"  {name:4s}: {report[f'{name}_step_ms']:8.1f} ms/step  {report[f'{name}_tokens_per_s']:10.0f} tokens/s"
         )
     print(f"soft_over_hard_tokens_per_s = {report['soft_over_hard_tokens_per_s']:.3f}  -> {out}")
+    for name, entry in report["fused_vs_unfused"].items():
+        print(
+            f"  {name} soft, output layer + loss fused vs unfused: "
+            f"{entry['fused_tokens_per_s']:.0f} vs {entry['unfused_tokens_per_s']:.0f} tokens/s, peak "
+            f"{entry['fused_peak_mib']:.0f} vs {entry['unfused_peak_mib']:.0f} MiB: "
+            f"fused_over_unfused_tokens_per_s {entry['fused_over_unfused_tokens_per_s']:.3f}, "
+            f"fused_over_unfused_peak_memory {entry['fused_over_unfused_peak_memory']:.3f}"
+        )
 
 
 if __name__ == "__main__":

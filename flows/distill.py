@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.collect import dask_partition_runner
 from flows.tasks import PrefectExecutor, ProgressArtifacts, log_line
 from pipeline import stages
 from pipeline.cache import StageResult, new_run_id, write_summary
@@ -26,19 +27,27 @@ def _context(config_path: str) -> stages.Context:
     config = load_config(config_path)
     preflight(config)
     quiet_known_warnings()
-    return stages.Context(config, log=log_line, progress=ProgressArtifacts())
+    runner = None
+    if config.collect.workers > 1 or config.collect.dask_address:  # partitions as Prefect tasks on Dask
+        runner = dask_partition_runner(config.collect)
+    return stages.Context(config, log=log_line, progress=ProgressArtifacts(), partition_runner=runner)
 
 
 def _publish_tables(results: dict[str, StageResult]) -> None:
     """Metric tables: training (final losses per student) and evaluation (metrics.json rows)."""
     rows = []
     for name, result in results.items():
-        if name.startswith("train_"):  # train_<student>, or train_<student>_s<seed> (stages.train_stage_name)
+        if name.startswith("train_"):  # train_<student>[_s<seed>][_lr<lr>] (stages.train_stage_name)
             summary = result.info.get("summary", {})
             student = result.info.get("student", name.removeprefix("train_"))
-            seed = result.info.get("seed")
+            seed, lr = result.info.get("seed"), result.info.get("lr")
             rows.append(
-                {"student": student, "seed": seed, **{k: v for k, v in summary.items() if _scalar(v)}}
+                {
+                    "student": student,
+                    "seed": seed,
+                    "lr": lr,
+                    **{k: v for k, v in summary.items() if _scalar(v)},
+                }
             )
     if rows:
         create_table_artifact(rows, key="training-summary", description="Training: final figures per student")

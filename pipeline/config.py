@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from storage.settings import StorageSettings
 from student.settings import LossSettings, ModelSettings, TrainSettings
@@ -128,6 +128,49 @@ class EvaluateSettings(_Section):
     )
 
 
+class StudentSettings(LossSettings):
+    """A ``[students.<name>]`` section: the student's loss (``student.settings.LossSettings``) and its own peak
+    learning rate."""
+
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Peak learning rate of this student (default: [train] lr; min_lr scales with it); "
+        "ignored when [sweep] lrs is set.",
+    )
+
+    def loss(self) -> LossSettings:
+        """The loss alone, as ``student.train`` takes it."""
+        return LossSettings.model_validate(self.model_dump(exclude={"lr"}))
+
+
+class SweepSettings(_Section):
+    lrs: list[float] = Field(
+        default_factory=list,
+        description="Peak learning rates tried for every student (first seed, full schedule; min_lr scales "
+        "with each); the lowest final validation loss on the student's own objective wins. Empty: no sweep.",
+    )
+
+    @field_validator("lrs")
+    @classmethod
+    def _positive_and_distinct(cls, lrs: list[float]) -> list[float]:
+        if any(lr <= 0 for lr in lrs) or len(set(lrs)) != len(lrs):
+            raise ValueError(f"expected distinct positive learning rates, got {lrs}")
+        return lrs
+
+
+class CollectSettings(_Section):
+    workers: int = Field(
+        1, ge=1, description="Collection workers (Dask worker processes); 1 collects in the calling process."
+    )
+    dask_address: str = Field(
+        "", description="Dask scheduler to run partitions on (tcp://host:8786); empty: a local cluster."
+    )
+    partitions: int = Field(
+        0, ge=0, description="Partitions the pending prompts are split into (0: two per worker)."
+    )
+
+
 class DistillConfig(_Section):
     run: RunSettings = Field(default_factory=RunSettings, description="Run naming and output folders.")
     corpus: CorpusSettings = Field(
@@ -146,13 +189,26 @@ class DistillConfig(_Section):
     storage: StorageSettings = Field(
         default_factory=StorageSettings, description="Parquet shards and the DuckDB catalog."
     )
+    collect: CollectSettings = Field(
+        default_factory=CollectSettings, description="Collection spread over workers (Dask)."
+    )
     model: ModelSettings = Field(default_factory=ModelSettings, description="Student architecture.")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Student training.")
-    students: dict[str, LossSettings] = Field(
-        default_factory=lambda: {"soft": LossSettings(kind="soft"), "hard": LossSettings(kind="hard")},
+    students: dict[str, StudentSettings] = Field(
+        default_factory=lambda: {"soft": StudentSettings(kind="soft"), "hard": StudentSettings(kind="hard")},
         description="Students trained side by side, each with its loss (soft vs hard is the comparison).",
     )
+    sweep: SweepSettings = Field(
+        default_factory=SweepSettings, description="Learning-rate sweep on the validation split."
+    )
     evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings, description="Held-out evaluation.")
+
+    @model_validator(mode="after")
+    def _local_index_of_remote_data(self) -> DistillConfig:
+        """With shards in object storage the catalog index lives in the work dir unless placed elsewhere."""
+        if self.storage.catalog_dir is None and not isinstance(self.storage.location(), Path):
+            self.storage.catalog_dir = Path(self.run.work_dir) / "catalog"
+        return self
 
 
 def _location(loc: tuple[Any, ...]) -> str:

@@ -8,7 +8,8 @@ Public API:
   ``run_dir/report.html`` (images as data URIs, no external resource) and ``run_dir/report.md`` (+
   ``run_dir/curves.png`` it links to). Inputs not passed are read from the run directory:
   ``metrics.json`` (required; written by ``student.evaluate``, schema in its docstring), ``config.toml``,
-  ``data_stats.json`` (shape: ``DataStats``) and, per model, the training log named by ``train_log`` in
+  ``data_stats.json`` (shape: ``DataStats``), ``training.json`` (learning rates, the sweep, how far validation
+  loss still fell: ``pipeline.stages``' report stage writes it) and, per model, the training log named by ``train_log`` in
   ``metrics.json`` (``student.train``'s ``metrics.jsonl``). ``curves`` maps a model name to its log path.
 - ``artifact_markdown(run_dir, ...same inputs) -> str``: the Markdown report with the plot embedded as a data
   URI, for a Prefect markdown artifact.
@@ -135,6 +136,87 @@ def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
     return curves
 
 
+FLAT_TAIL = 0.02
+"""Validation loss counts as flattened when it fell by less than this fraction over the last quarter."""
+
+
+def tail_change(curve: list[tuple[int, float]], fraction: float) -> dict[str, Any]:
+    """How much a validation curve still moved over its last ``fraction`` of steps: ``tail_from_step`` (the
+    first evaluation at or after that point) and ``tail_change``, relative to the loss there (negative: still
+    falling); both None with fewer than two evaluations in the span."""
+    points = sorted(curve)
+    if len(points) < 2:
+        return {"tail_from_step": None, "tail_change": None}
+    start = next(p for p in points if p[0] >= points[-1][0] * (1 - fraction))
+    if start == points[-1]:
+        start = points[-2]
+    return {"tail_from_step": start[0], "tail_change": (points[-1][1] - start[1]) / start[1]}
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or math.isnan(value) else f"{value:+.1%}"
+
+
+def training_table(training: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per student and seed: peak learning rate, final validation loss on the student's own objective,
+    and its change over the last quarter of training."""
+    steps = training.get("steps", "?")
+    header = [
+        "student",
+        "seed",
+        "peak lr",
+        "final val loss (own objective)",
+        f"val change, last quarter of {steps}",
+    ]
+    rows = [
+        [name, str(run["seed"]), f"{block['lr']:g}", _fmt(run["val_loss"]), _percent(run["tail_change"])]
+        for name, block in training.get("students", {}).items()
+        for run in block["seeds"]
+    ]
+    return header, rows
+
+
+def sweep_table(training: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Final validation loss (own objective, first seed) per student and swept learning rate; * the one kept."""
+    sweep = training.get("sweep") or {}
+    lrs = sorted({entry["lr"] for tried in sweep.values() for entry in tried})
+    header = ["student", *(f"lr {lr:g}" for lr in lrs)]
+    rows = []
+    for name, tried in sweep.items():
+        by_lr = {entry["lr"]: entry["val_loss"] for entry in tried}
+        chosen = training["students"][name]["lr"]
+        rows.append([name, *(_fmt(by_lr.get(lr)) + (" *" if lr == chosen else "") for lr in lrs)])
+    return header, rows
+
+
+def training_lines(training: Mapping[str, Any] | None) -> list[str]:
+    """Whether training ran long enough (validation loss flattened) and how the learning rates were chosen."""
+    if not training or not training.get("students"):
+        return []
+    still = sorted(
+        {
+            name
+            for name, block in training["students"].items()
+            for run in block["seeds"]
+            if run["tail_change"] is not None and run["tail_change"] < -FLAT_TAIL
+        }
+    )
+    flat = (
+        f"Validation loss flattened for every student (fell less than {FLAT_TAIL:.0%} over the last quarter of "
+        "training)."
+        if not still
+        else f"Validation loss still falling (more than {FLAT_TAIL:.0%} over the last quarter of training) for "
+        f"{', '.join(still)}: longer training may change the comparison."
+    )
+    if training.get("sweep"):
+        how = (
+            "Learning rates: each student's best of the sweep by final validation loss on its own objective."
+        )
+    else:
+        how = "Learning rates: as configured (no sweep in this run)."
+    return [flat, how]
+
+
 def _redacted(value: Any) -> Any:
     if isinstance(value, dict):
         return {
@@ -149,6 +231,12 @@ def _config_text(config: DistillConfig | None) -> str | None:
         return None
     safe = DistillConfig.model_validate(_redacted(config.model_dump()))
     return render_config(safe, commented=False)
+
+
+def _load_training(run_dir: Path) -> dict[str, Any] | None:
+    """``training.json`` (the pipeline's report stage writes it; absent for a bare ``distill report``)."""
+    path = run_dir / "training.json"
+    return json.loads(path.read_text("utf-8")) if path.is_file() else None
 
 
 def _load_inputs(
@@ -384,14 +472,19 @@ def render_markdown(
     config_text: str | None,
     data_stats: Mapping[str, Any] | None,
     plot_ref: str | None,
+    training: Mapping[str, Any] | None = None,
 ) -> str:
     out = [f"# {title}", "", "## Result", ""]
-    out += [f"- {line}" for line in result_lines(metrics)]
+    out += [f"- {line}" for line in result_lines(metrics) + training_lines(training)]
     out += ["", "## Held-out metrics", "", _md_table(*metric_table(metrics)), ""]
     out += [NOTE, ""]
     header, rows = breakdown_table(metrics)
     if rows:
         out += ["## By teacher confidence", "", _md_table(header, rows), ""]
+    if training and training.get("students"):
+        out += ["## Training", "", _md_table(*training_table(training)), ""]
+        if training.get("sweep"):
+            out += ["Learning-rate sweep (* kept):", "", _md_table(*sweep_table(training)), ""]
     if plot_ref:
         out += ["## Training curves", "", f"![training curves]({plot_ref})", ""]
     stats = _stats_rows(data_stats)
@@ -437,6 +530,7 @@ def render_html(
     config_text: str | None,
     data_stats: Mapping[str, Any] | None,
     plot_png: bytes | None,
+    training: Mapping[str, Any] | None = None,
 ) -> str:
     parts = [
         "<!DOCTYPE html>",
@@ -444,7 +538,7 @@ def render_html(
         f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
         '<h2>Result</h2><ul id="result">',
-        *(f"<li>{_bold(line)}</li>" for line in result_lines(metrics)),
+        *(f"<li>{_bold(line)}</li>" for line in result_lines(metrics) + training_lines(training)),
         "</ul><h2>Held-out metrics</h2>",
         _html_table(*metric_table(metrics), table_id="metrics"),
         f'<p class="note">{html.escape(NOTE)}</p>',
@@ -452,6 +546,13 @@ def render_html(
     header, rows = breakdown_table(metrics)
     if rows:
         parts += ["<h2>By teacher confidence</h2>", _html_table(header, rows, table_id="breakdown")]
+    if training and training.get("students"):
+        parts += ["<h2>Training</h2>", _html_table(*training_table(training), table_id="training")]
+        if training.get("sweep"):
+            parts += [
+                '<p class="note">Learning-rate sweep (* kept):</p>',
+                _html_table(*sweep_table(training), table_id="sweep"),
+            ]
     if plot_png:
         parts += [
             "<h2>Training curves</h2>",
@@ -512,9 +613,12 @@ def build_report(
     plot_path = run_dir / "curves.png" if png else None
     if png:
         _atomic_write(plot_path, png)
-    markdown = render_markdown(title, metrics, config_text, data_stats, plot_path.name if png else None)
+    training = _load_training(run_dir)
+    markdown = render_markdown(
+        title, metrics, config_text, data_stats, plot_path.name if png else None, training
+    )
     _atomic_write(run_dir / "report.md", markdown.encode("utf-8"))
-    page = render_html(title, metrics, config_text, data_stats, png)
+    page = render_html(title, metrics, config_text, data_stats, png, training)
     _atomic_write(run_dir / "report.html", page.encode("utf-8"))
     return ReportPaths(html=run_dir / "report.html", markdown=run_dir / "report.md", plot=plot_path)
 
@@ -531,7 +635,8 @@ def artifact_markdown(
     metrics, config, data_stats, curve_paths = _load_inputs(run_dir, config, data_stats, curves)
     png = _plot_for(curve_paths)
     title = title or f"Distillation report: {run_dir.name}"
-    return render_markdown(title, metrics, _config_text(config), data_stats, _data_uri(png) if png else None)
+    plot = _data_uri(png) if png else None
+    return render_markdown(title, metrics, _config_text(config), data_stats, plot, _load_training(run_dir))
 
 
 def compare_runs(run_a: Path, run_b: Path) -> str:

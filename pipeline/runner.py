@@ -4,6 +4,8 @@ tasks (``flows.distill``), which supply an executor that submits each stage as a
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import sys
@@ -74,12 +76,13 @@ def preflight(config: DistillConfig) -> None:
     """Everything that can be checked before any work starts; raises ConfigError naming the key."""
     teacher = config.teacher
     if teacher.base_url != "local":
-        url = urlparse(teacher.base_url)
-        if url.scheme not in ("http", "https") or not url.netloc:
-            raise ConfigError(
-                f"teacher.base_url: expected 'local' or an http(s) URL such as https://api.openai.com/v1, "
-                f"got {teacher.base_url!r}"
-            )
+        for base_url in [teacher.base_url] if isinstance(teacher.base_url, str) else teacher.base_url:
+            url = urlparse(base_url)
+            if url.scheme not in ("http", "https") or not url.netloc:
+                raise ConfigError(
+                    f"teacher.base_url: expected 'local' or an http(s) URL such as https://api.openai.com/v1, "
+                    f"got {base_url!r}"
+                )
         from teacher.secrets import SecretError, resolve_api_key
 
         try:
@@ -144,17 +147,63 @@ def execute(ctx: stages.Context, executor: Executor) -> StageResult:
     snapshot = executor.run(stages.snapshot(ctx, collected))
     init_gguf = stages.student_init_gguf(config)
     init = executor.run(stages.converted_gguf(ctx, init_gguf, "student_init")) if init_gguf else None
-    runs = [(name, seed) for seed in config.evaluate.seeds for name in config.students]
-    trained = executor.run_parallel(
-        [stages.train(ctx, name, snapshot, tokenizer, seed, init) for name, seed in runs]
-    )
-    students: stages.Trained = {name: [] for name in config.students}
-    for (name, seed), result in zip(runs, trained, strict=True):
-        students[name].append((seed, result))
+    students, sweep = train_students(ctx, executor, snapshot, tokenizer, init)
     evaluated = executor.run(
         stages.evaluate(ctx, students, snapshot, tokenizer, teacher, corpus, collected, init)
     )
-    return executor.run(stages.report(ctx, collected, snapshot, students, evaluated))
+    return executor.run(stages.report(ctx, collected, snapshot, students, evaluated, sweep))
+
+
+def _final_val_loss(result: StageResult) -> float:
+    """A sweep run's score: its final validation loss on its own objective; a diverged run (NaN) never wins."""
+    loss = result.info["summary"].get("val_loss")
+    return float(loss) if loss is not None and math.isfinite(loss) else math.inf
+
+
+def train_students(
+    ctx: stages.Context,
+    executor: Executor,
+    snapshot: StageResult,
+    tokenizer: StageResult,
+    init: StageResult | None,
+) -> tuple[stages.Trained, stages.Sweep]:
+    """Every student once per seed. With ``[sweep] lrs``, first every student at every learning rate with the
+    first seed; the run with the lowest final validation loss is that student's first-seed run (not trained
+    again), and its learning rate trains the other seeds."""
+    config = ctx.config
+    seeds = config.evaluate.seeds
+    sweep: stages.Sweep = {name: [] for name in config.students} if config.sweep.lrs else {}
+    best: dict[str, StageResult] = {}
+    if sweep:
+        if json.loads(snapshot.file("val.json").read_text(encoding="utf-8"))["samples"] == 0:
+            raise StageError(
+                "sweep.lrs: the learning-rate sweep needs a validation split, and it is empty "
+                "(set corpus.val_fraction > 0, or give prompts with split 'val')"
+            )
+        grid = [(name, lr) for name in config.students for lr in config.sweep.lrs]
+        results = executor.run_parallel(
+            [stages.train(ctx, name, snapshot, tokenizer, seeds[0], init, lr) for name, lr in grid]
+        )
+        for (name, lr), result in zip(grid, results, strict=True):
+            sweep[name].append((lr, result))
+        for name, tried in sweep.items():
+            lr, result = min(tried, key=lambda pair: _final_val_loss(pair[1]))
+            if not math.isfinite(_final_val_loss(result)):
+                raise StageError(
+                    f"sweep: every learning rate of student {name!r} diverged ({config.sweep.lrs})"
+                )
+            best[name] = result
+    done = {(name, seeds[0]): result for name, result in best.items()}
+    runs = [(name, seed) for seed in seeds for name in config.students if (name, seed) not in done]
+    chosen_lr = {name: result.info["lr"] for name, result in best.items()}
+    trained = executor.run_parallel(
+        [stages.train(ctx, name, snapshot, tokenizer, seed, init, chosen_lr.get(name)) for name, seed in runs]
+    )
+    done |= {run: result for run, result in zip(runs, trained, strict=True)}
+    students: stages.Trained = {
+        name: [(seed, done[name, seed]) for seed in seeds] for name in config.students
+    }
+    return students, sweep
 
 
 def publish_report(report: StageResult, run_dir: Path) -> Path:

@@ -22,7 +22,7 @@ import contextlib
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,9 @@ TRANSPORT_FIELDS = frozenset(
         "max_retries",
         "on_bad_line",
         "max_failed_fraction",
+        "endpoints",
+        "breaker_failures",
+        "breaker_cooldown_s",
     }
 )
 
@@ -57,6 +60,8 @@ class Context:
     log: Log = print
     progress: Progress | None = None
     env: dict[str, str] | None = None  # environment of launched subprocesses (None: inherit)
+    # runs collection partitions ([collect] workers > 1); None: a Dask cluster (pipeline.collect_workers)
+    partition_runner: Callable[..., None] | None = None
 
     @property
     def work_dir(self) -> Path:
@@ -418,8 +423,8 @@ def collect(
             resolve = StudentTokenizer.load(settings.tokenizer_path).token_bytes
         ids = [sample_id(item.prompt_text(), name, params) for item in items]
         wanted = set(ids)
-        data_dir = Path(config.storage.data_dir)
-        with Catalog(data_dir) as catalog:
+        data_dir = config.storage.location()
+        with Catalog.of(config.storage) as catalog:
             stored = catalog.existing_sample_ids(name, params)
             if refresh and config.teacher.max_age_days is not None:
                 stale = catalog.stale_sample_ids(config.teacher.max_age_days * 86400.0)
@@ -440,7 +445,12 @@ def collect(
                 base_url, result = settings.base_url, CollectResult(skipped=len(items))
             else:
                 with _teacher_endpoint(ctx, checkpoint, name) as (base_url, api_key):
-                    result = ask_teacher(items, settings, base_url, api_key, stored, sink, resolve=resolve)
+                    if config.collect.workers > 1 or config.collect.dask_address:
+                        result = _collect_partitions(ctx, items, settings, base_url, api_key, stored, catalog)
+                    else:
+                        result = ask_teacher(
+                            items, settings, base_url, api_key, stored, sink, resolve=resolve
+                        )
             writer.close()
             catalog.record_failures([(f.sample_id, f.reason) for f in result.failures])
             selection = {
@@ -465,6 +475,7 @@ def collect(
             "failure_reasons": reasons,
             "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens,
+            "endpoints": {url: asdict(stats) for url, stats in result.endpoints.items()},
             "shards": [str(shard_dir(data_dir) / s) for s in shards],
             "collected_at": time.time(),
         }
@@ -477,11 +488,40 @@ def collect(
         inputs["refresh"] = str(time.time())
     key = stage_key(
         "collect",
-        {"teacher": collect_settings, "storage": str(Path(config.storage.data_dir).resolve())},
+        {"teacher": collect_settings, "storage": str(config.storage.location().resolve())},
         inputs,
         ["teacher", "storage"],
     )
-    return StageSpec("collect", key, build, external=lambda info: info.get("shards", []))
+    return StageSpec("collect", key, build, external=lambda info: _local_files(info.get("shards", [])))
+
+
+def _local_files(paths: list[str]) -> list[str]:
+    """The files a cached result relies on that the cache can check: shards in object storage are left to
+    ``create_snapshot``, which checks every shard it selects (the cache only looks at local files)."""
+    from storage.filesystem import is_remote
+
+    return [p for p in paths if not is_remote(p)]
+
+
+def _collect_partitions(
+    ctx: Context,
+    items: list,
+    settings: Any,
+    base_url: str,
+    api_key: str | None,
+    stored: set[str],
+    catalog: Any,
+) -> Any:
+    """``[collect] workers`` > 1: the pending items in partitions on Dask (``pipeline.collect_workers``)."""
+    from pipeline.collect_workers import collect_partitioned
+
+    def progress(done: int, total: int) -> None:
+        ctx.report_progress("collect", 100.0 * done / total)
+
+    return collect_partitioned(
+        items, settings, base_url, api_key, stored, catalog, ctx.config.storage, ctx.config.collect,
+        runner=ctx.partition_runner, log=ctx.log, progress=progress,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- snapshot
@@ -489,7 +529,7 @@ def collect(
 
 def snapshot(ctx: Context, collect_result: StageResult) -> StageSpec:
     """Immutable train/val/test snapshot manifests of the collected records (``storage.snapshot``)."""
-    data_dir = Path(ctx.config.storage.data_dir)
+    storage = ctx.config.storage
     selection_hash = collect_result.hash_of("selection.json")
 
     def build(out: Path, resume: bool) -> dict[str, Any]:
@@ -498,7 +538,7 @@ def snapshot(ctx: Context, collect_result: StageResult) -> StageSpec:
 
         chosen = json.loads(collect_result.file("selection.json").read_text(encoding="utf-8"))
         info: dict[str, Any] = {}
-        with Catalog(data_dir) as catalog:
+        with Catalog.of(storage) as catalog:
             for split in ("train", "val", "test"):
                 snap = create_snapshot(
                     catalog,
@@ -522,20 +562,34 @@ def snapshot(ctx: Context, collect_result: StageResult) -> StageSpec:
         return info
 
     key = stage_key(
-        "snapshot", {"data_dir": str(data_dir.resolve())}, {"selection": selection_hash}, ["storage"]
+        "snapshot",
+        {"data_dir": str(storage.location().resolve())},
+        {"selection": selection_hash},
+        ["storage"],
     )
     return StageSpec(
-        "snapshot", key, build, external=lambda info: list(collect_result.info.get("shards", []))
+        "snapshot", key, build, external=lambda info: _local_files(collect_result.info.get("shards", []))
     )
 
 
 # ---------------------------------------------------------------------------------------------- train
 
 
-def train_stage_name(student: str, seed: int, seeds: list[int]) -> str:
+def train_stage_name(student: str, seed: int, seeds: list[int], lr: float | None = None) -> str:
     """``train_<student>`` for the first seed of ``[evaluate] seeds`` (so a one-seed run keeps its cache),
-    ``train_<student>_s<seed>`` for the others."""
-    return f"train_{student}" if seed == seeds[0] else f"train_{student}_s{seed}"
+    ``train_<student>_s<seed>`` for the others; ``_lr<lr>`` appended for a run of the learning-rate sweep."""
+    name = f"train_{student}" if seed == seeds[0] else f"train_{student}_s{seed}"
+    return name if lr is None else f"{name}_lr{lr:g}"
+
+
+def student_train_settings(config: DistillConfig, student: str, seed: int, lr: float | None = None) -> Any:
+    """``[train]`` for one student and seed: peak ``lr`` from the sweep, else ``[students.<name>] lr``, else
+    ``[train] lr``; ``min_lr`` keeps its ratio to the peak, so every learning rate gets the same schedule shape."""
+    base = config.train
+    peak = lr if lr is not None else config.students[student].lr or base.lr
+    if peak == base.lr:
+        return base.model_copy(update={"seed": seed})
+    return base.model_copy(update={"seed": seed, "lr": peak, "min_lr": base.min_lr * peak / base.lr})
 
 
 def train(
@@ -545,18 +599,19 @@ def train(
     tok_result: StageResult,
     seed: int | None = None,
     init_result: StageResult | None = None,
+    lr: float | None = None,
 ) -> StageSpec:
     """One student (``[students.<name>]``) trained with one seed (default: the first of ``[evaluate] seeds``):
     torchrun at TP x DP over the train snapshot, validated on val; from ``[model] init``'s weights when set
-    (``init_result``: its conversion, for a GGUF file)."""
+    (``init_result``: its conversion, for a GGUF file); ``lr``: a run of the learning-rate sweep."""
     config = ctx.config
     init = student_init(config, init_result)
     model = config.model.model_copy(update={"init": str(init) if init is not None else None})
-    loss = config.students[student]
+    loss = config.students[student].loss()
     seeds = config.evaluate.seeds
     seed = seeds[0] if seed is None else seed
-    name = train_stage_name(student, seed, seeds)
-    train_settings = config.train.model_copy(update={"seed": seed})
+    name = train_stage_name(student, seed, seeds, lr)
+    train_settings = student_train_settings(config, student, seed, lr)
 
     def build(out: Path, resume: bool) -> dict[str, Any]:
         val = snapshot_result.file("val.json")
@@ -581,6 +636,7 @@ def train(
             "summary": summary,
             "student": student,
             "seed": seed,
+            "lr": train_settings.lr,
         }
 
     inputs = {
@@ -604,6 +660,9 @@ def train(
 
 Trained = dict[str, list[tuple[int, StageResult]]]
 """Student name -> (seed, training stage result) per seed, in ``[evaluate] seeds`` order."""
+
+Sweep = dict[str, list[tuple[float, StageResult]]]
+"""Student name -> (peak learning rate, first-seed training result) per ``[sweep] lrs``; empty: no sweep."""
 
 
 def _clusters(corpus_result: StageResult, collect_result: StageResult, out: Path) -> Path:
@@ -742,10 +801,10 @@ def _alignment(students: Trained, ctx: Context) -> dict[str, Any]:
     }
 
 
-def _data_stats(collect_result: StageResult, snapshot_result: StageResult, data_dir: Path) -> dict[str, Any]:
+def _data_stats(collect_result: StageResult, snapshot_result: StageResult, storage: Any) -> dict[str, Any]:
     from storage.catalog import Catalog
 
-    with Catalog(data_dir, sync=False) as catalog:
+    with Catalog.of(storage, sync=False) as catalog:
         bytes_per_token = catalog.stats().bytes_per_token
     info = collect_result.info
     return {
@@ -762,16 +821,44 @@ def _data_stats(collect_result: StageResult, snapshot_result: StageResult, data_
     }
 
 
+def _training(students: Trained, sweep: Sweep, config: DistillConfig) -> dict[str, Any]:
+    """``training.json`` of the report: per student its peak learning rate, and per seed the final validation
+    loss on its own objective and how much it still fell over the last quarter of training; the sweep's final
+    validation loss per learning rate."""
+    from pipeline.report import read_curves, tail_change
+
+    def seed_row(seed: int, result: StageResult) -> dict[str, Any]:
+        val = read_curves(result.file(result.info["train_log"]))["val"]
+        return {"seed": seed, "val_loss": result.info["summary"].get("val_loss"), **tail_change(val, 0.25)}
+
+    def peak_lr(name: str, seed: int, result: StageResult) -> float:  # results cached before "lr" was kept
+        return result.info.get("lr") or student_train_settings(config, name, seed).lr
+
+    return {
+        "steps": config.train.steps,
+        "students": {
+            name: {"lr": peak_lr(name, *runs[0]), "seeds": [seed_row(seed, r) for seed, r in runs]}
+            for name, runs in students.items()
+        },
+        "sweep": {
+            name: [{"lr": lr, "val_loss": r.info["summary"].get("val_loss")} for lr, r in tried]
+            for name, tried in sweep.items()
+        },
+    }
+
+
 def report(
     ctx: Context,
     collect_result: StageResult,
     snapshot_result: StageResult,
     students: Trained,
     evaluate_result: StageResult,
+    sweep: Sweep | None = None,
 ) -> StageSpec:
-    """The report (HTML + Markdown + loss curves of each student's first seed, and a Markdown with the plot
-    inline for Prefect)."""
+    """The report (HTML + Markdown + loss curves of each student's first seed, the training table with the
+    learning-rate sweep, and a Markdown with the plot inline for Prefect)."""
     config = ctx.config
+    sweep = sweep or {}
 
     def build(out: Path, resume: bool) -> dict[str, Any]:
         import shutil
@@ -780,16 +867,17 @@ def report(
         from storage.catalog import CATALOG_FILE
 
         shutil.copy2(evaluate_result.file("metrics.json"), out / "metrics.json")
-        stats = _data_stats(collect_result, snapshot_result, Path(config.storage.data_dir))
+        stats = _data_stats(collect_result, snapshot_result, config.storage)
         stats |= _alignment(students, ctx)
         curves = {name: runs[0][1].file(runs[0][1].info["train_log"]) for name, runs in students.items()}
+        _write_json(out / "training.json", _training(students, sweep, config))
         paths = build_report(out, config, stats, curves, title=f"Distillation report: {config.run.name}")
         (out / "report_artifact.md").write_text(
             artifact_markdown(out, config, stats, curves, title=f"Distillation report: {config.run.name}"),
             encoding="utf-8",
         )
         metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-        append_eval_results(Path(config.storage.data_dir) / CATALOG_FILE, key, metrics)
+        append_eval_results(config.storage.index_dir() / CATALOG_FILE, key, metrics)
         return {"html": paths.html.name, "markdown": paths.markdown.name}
 
     key = stage_key(
@@ -802,6 +890,11 @@ def report(
                 f"{name}_s{seed}": r.hash_of("metrics.jsonl")
                 for name, runs in students.items()
                 for seed, r in runs
+            },
+            **{
+                f"sweep_{name}_lr{lr:g}": r.hash_of("metrics.jsonl")
+                for name, tried in sweep.items()
+                for lr, r in tried
             },
         },
         ["pipeline.report"],

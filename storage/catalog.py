@@ -9,6 +9,7 @@ the refresh flow replaces the stale one).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -21,16 +22,16 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from storage.filesystem import DataPath, data_path, default_catalog_dir, file_sizes
 from storage.records import TopKRecord
 from storage.schema import ShardError
+from storage.settings import StorageSettings
 from storage.shards import (
     SHARD_SUFFIX,
     TMP_SUFFIX,
     ShardInfo,
-    file_sha256,
     index_rows,
     open_shard,
-    read_shard_table,
     remove_stale_temp_files,
     shard_dir,
 )
@@ -117,19 +118,29 @@ class Catalog:
     """Open (creating if needed) the catalog of ``data_dir``; ``sync`` registers shards written by others.
 
     ``in_memory``: an index built from the shard files in memory, touching nothing on disk (stats while another
-    process holds the catalog's lock)."""
+    process holds the catalog's lock). ``catalog_dir``: the local folder of the index (``default_catalog_dir``);
+    with ``data_dir`` in object storage the index stays local and is rebuilt from the remote shards."""
 
     def __init__(
-        self, data_dir: str | Path, sync: bool = True, read_only: bool = False, in_memory: bool = False
+        self,
+        data_dir: str | DataPath,
+        sync: bool = True,
+        read_only: bool = False,
+        in_memory: bool = False,
+        catalog_dir: str | Path | None = None,
     ) -> None:
-        self.data_dir = Path(data_dir)
-        self.path = self.data_dir / CATALOG_FILE
+        self.data_dir = data_path(data_dir)
+        self.catalog_dir = (
+            Path(catalog_dir) if catalog_dir is not None else default_catalog_dir(self.data_dir)
+        )
+        self.path = self.catalog_dir / CATALOG_FILE
         self.in_memory = in_memory
         self.removed_temp: list[tuple[Path, str]] = []  # stale .tmp shards the last sync/reindex removed
         if read_only and not self.path.exists():
             raise FileNotFoundError(f"{self.path}: no catalog (run `distill data reindex` to build one)")
         if not in_memory:
             self.data_dir.mkdir(parents=True, exist_ok=True)
+            self.catalog_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.con = duckdb.connect(":memory:" if in_memory else str(self.path), read_only=read_only)
         except duckdb.Error as exc:
@@ -139,6 +150,11 @@ class Catalog:
             self.con.execute(_DDL)
             if sync:
                 self.sync()
+
+    @classmethod
+    def of(cls, settings: StorageSettings, **options: bool) -> Catalog:
+        """The catalog of a ``[storage]`` config: its data location and its local index folder."""
+        return cls(settings.location(), catalog_dir=settings.index_dir(), **options)
 
     def close(self) -> None:
         self.con.close()
@@ -177,23 +193,28 @@ class Catalog:
             self.con.execute("ROLLBACK")
             raise
 
-    def _register_file(self, path: Path) -> None:
-        table = read_shard_table(path, columns=_INDEX_COLUMNS)
-        codec = open_shard(path).schema_arrow.metadata[b"distill.logprob_codec"].decode()
+    def _register_file(self, path: DataPath) -> None:
+        data = path.read_bytes()  # one read (one download from object storage) for the digest and the rows
+        parquet = open_shard(path, data)
+        try:
+            table = parquet.read(columns=_INDEX_COLUMNS)
+        except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
+            raise ShardError(f"{path}: cannot decode the Parquet data (corrupt shard): {exc}") from None
+        codec = parquet.schema_arrow.metadata[b"distill.logprob_codec"].decode()
         rows = index_rows(table)
         info = ShardInfo(
             path.name,
-            path.stat().st_size,
-            file_sha256(path),
+            len(data),
+            hashlib.sha256(data).hexdigest(),
             table.num_rows,
             int(rows["n_tokens"].to_numpy().sum()),
             codec,
         )
         self.register(info, rows)
 
-    def shard_files(self) -> list[Path]:
+    def shard_files(self) -> list[DataPath]:
         directory = shard_dir(self.data_dir)
-        return sorted(directory.glob(f"*{SHARD_SUFFIX}")) if directory.is_dir() else []
+        return [directory / name for name in sorted(file_sizes(directory, SHARD_SUFFIX))]
 
     def sync(self) -> int:
         """Register complete shard files not yet in the catalog (written by other processes); returns how many.
@@ -282,13 +303,10 @@ class Catalog:
 
     def missing_shards(self) -> list[str]:
         """Registered shards whose file is gone or changed size."""
-        missing = []
         directory = shard_dir(self.data_dir)
-        for name, size in self.con.execute("SELECT name, bytes FROM shards ORDER BY name").fetchall():
-            path = directory / name
-            if not path.is_file() or path.stat().st_size != size:
-                missing.append(str(path))
-        return missing
+        present = file_sizes(directory, SHARD_SUFFIX)
+        rows = self.con.execute("SELECT name, bytes FROM shards ORDER BY name").fetchall()
+        return [str(directory / name) for name, size in rows if present.get(name) != size]
 
     def select(
         self,
@@ -340,8 +358,7 @@ class Catalog:
         )
         (total,) = self.con.execute("SELECT count(*) FROM records").fetchone()
         (failures,) = self.con.execute("SELECT count(*) FROM failures").fetchone()
-        directory = shard_dir(self.data_dir)
-        temp = len(list(directory.glob(f"*{TMP_SUFFIX}"))) if directory.is_dir() else 0
+        temp = len(file_sizes(shard_dir(self.data_dir), TMP_SUFFIX))
         return CatalogStats(
             shards=int(shards),
             bytes=int(size),

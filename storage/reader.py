@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from storage.codec import concat_ranges, segment_ids, segment_starts
@@ -50,7 +49,7 @@ from storage.schema import (
     ShardArrays,
     binary_buffers,
 )
-from storage.shards import read_shard_arrays
+from storage.shards import open_shard, read_shard_arrays
 from storage.snapshot import Snapshot, load_snapshot
 
 MapVocab = Callable[[list[bytes]], TokenMap]
@@ -476,7 +475,7 @@ class PackedReader:
         max_k, max_samples, self.with_logits, self.with_actual = 0, None, False, False
         for shard in self.snapshot.shards:
             shard.check()
-            metadata = pq.read_schema(shard.path).metadata or {}
+            metadata = open_shard(shard.path).schema_arrow.metadata or {}
             max_k = max(max_k, int(metadata.get(META_MAX_K, b"0")))
             self.with_logits |= metadata.get(META_HAS_LOGITS) == b"1"
             self.with_actual |= metadata.get(META_HAS_TOKEN_LOGPROB) == b"1"

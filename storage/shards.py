@@ -1,5 +1,9 @@
 """Atomic shard files: ``ShardWriter`` (buffer → ``<uuid>.parquet.tmp`` → fsync → rename → catalog) and readers.
 
+On object storage (``data_dir = "s3://..."``) the shard is encoded in memory, uploaded to the temporary key and
+copied server-side to its final key (see ``storage.filesystem``); there is no fsync and no pid check of a
+temporary key's writer (it may run on another machine): only the grace period removes one.
+
 A crash loses at most the shard in flight: a ``.tmp`` file is never read, and a renamed shard is complete. When
 the writer owns a ``Catalog`` it registers each shard after its rename, in one transaction; a shard renamed just
 before a crash is picked up by the catalog's ``sync()`` the next time it is opened.
@@ -22,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.codec import Q16Params, segment_starts
+from storage.filesystem import DataPath, RemotePath, data_path, parquet_target
 from storage.records import TeacherVocab, TopKRecord
 from storage.schema import (
     BYTE_SPLIT_COLUMNS,
@@ -50,7 +55,7 @@ TMP_SUFFIX = ".parquet.tmp"
 class ShardInfo:
     """What the catalog knows about one complete shard file."""
 
-    name: str  # file name inside <data_dir>/shards
+    name: str  # file name inside <data_dir>/shards (unique: a random uuid, whichever worker wrote it)
     bytes: int
     sha256: str
     rows: int
@@ -58,13 +63,13 @@ class ShardInfo:
     codec: str
 
 
-def shard_dir(data_dir: Path) -> Path:
-    return Path(data_dir) / SHARD_DIR
+def shard_dir(data_dir: str | DataPath) -> DataPath:
+    return data_path(data_dir) / SHARD_DIR
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: str | DataPath) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with data_path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -78,8 +83,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_table(table: pa.Table, path: Path, settings: StorageSettings) -> None:
-    """Write one shard table to ``path`` with the encodings the format relies on (BYTE_STREAM_SPLIT ints)."""
+def write_table(table: pa.Table, path: Path | pa.NativeFile, settings: StorageSettings) -> None:
+    """Write one shard table to ``path`` (a local file or an Arrow stream) with the encodings the format relies on (BYTE_STREAM_SPLIT ints)."""
     compression = None if settings.compression == "none" else settings.compression
     present = set(table.column_names)
     metadata = table.schema.metadata or {}
@@ -104,13 +109,38 @@ def write_table(table: pa.Table, path: Path, settings: StorageSettings) -> None:
         writer.add_key_value_metadata(metadata)
 
 
-def write_shard(table: pa.Table, data_dir: Path, settings: StorageSettings) -> ShardInfo:
-    """Write ``table`` to a temporary name, fsync, rename to ``shards/<uuid>.parquet``; returns its info."""
+def _write_remote_shard(
+    table: pa.Table, tmp: RemotePath, final: RemotePath, settings: StorageSettings
+) -> tuple[str, int]:
+    """Encode in memory, upload to the temporary key, copy to the final key; returns its sha256 and size."""
+    sink = pa.BufferOutputStream()
+    write_table(table, sink, settings)
+    data = sink.getvalue().to_pybytes()
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return hashlib.sha256(data).hexdigest(), len(data)
+
+
+def write_shard(
+    table: pa.Table, data_dir: str | DataPath, settings: StorageSettings, prefix: str = ""
+) -> ShardInfo:
+    """Write ``table`` to a temporary name, fsync, rename to ``shards/<prefix><uuid>.parquet``; returns its info.
+
+    ``prefix`` groups the shards of one writer (a collection partition finds its own after a restart)."""
     directory = shard_dir(data_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"{uuid.uuid4().hex}{SHARD_SUFFIX}"
+    name = f"{prefix}{uuid.uuid4().hex}{SHARD_SUFFIX}"
     # the writer's pid in the temporary name tells a crashed writer's file from a live one (stale_temp_files)
     tmp = directory / f"{name[: -len(SHARD_SUFFIX)]}-{os.getpid()}{TMP_SUFFIX}"
+    codec = table.schema.metadata[b"distill.logprob_codec"].decode()
+    tokens = int(per_position(table.column("topk_k"))[1][-1])
+    if isinstance(directory, RemotePath):
+        digest, size = _write_remote_shard(table, tmp, directory / name, settings)
+        return ShardInfo(name, size, digest, table.num_rows, tokens, codec)
     try:
         write_table(table, tmp, settings)
         with open(tmp, "rb+") as f:
@@ -121,8 +151,6 @@ def write_shard(table: pa.Table, data_dir: Path, settings: StorageSettings) -> S
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(directory)
-    codec = table.schema.metadata[b"distill.logprob_codec"].decode()
-    tokens = int(per_position(table.column("topk_k"))[1][-1])
     return ShardInfo(name, (directory / name).stat().st_size, digest, table.num_rows, tokens, codec)
 
 
@@ -137,8 +165,8 @@ def _process_alive(pid: int) -> bool:
 
 
 def stale_temp_files(
-    data_dir: Path, grace_s: float = 3600.0, now: float | None = None
-) -> list[tuple[Path, str]]:
+    data_dir: str | DataPath, grace_s: float = 3600.0, now: float | None = None
+) -> list[tuple[DataPath, str]]:
     """Unfinished ``.tmp`` shards a crashed writer left: ``(path, why)`` for those whose writer process (its pid
     is in the name) is gone, or older than ``grace_s`` seconds; a live writer's file is never listed."""
     directory = shard_dir(data_dir)
@@ -146,21 +174,27 @@ def stale_temp_files(
         return []
     now = time.time() if now is None else now
     stale = []
-    for path in sorted(directory.glob(f"*{TMP_SUFFIX}")):
+    for path in sorted(directory.glob(f"*{TMP_SUFFIX}"), key=str):
         stem = path.name[: -len(TMP_SUFFIX)]
         pid_text = stem.rpartition("-")[2]
         try:
             age = now - path.stat().st_mtime
         except FileNotFoundError:  # its writer just renamed it
             continue
-        if pid_text.isdigit() and int(pid_text) != os.getpid() and not _process_alive(int(pid_text)):
+        local = isinstance(path, Path)  # a remote key's writer may live on another machine
+        if (
+            local
+            and pid_text.isdigit()
+            and int(pid_text) != os.getpid()
+            and not _process_alive(int(pid_text))
+        ):
             stale.append((path, f"its writer (pid {pid_text}) is gone"))
         elif age > grace_s:
             stale.append((path, f"unchanged for {age / 3600:.1f} h"))
     return stale
 
 
-def remove_stale_temp_files(data_dir: Path, grace_s: float = 3600.0) -> list[tuple[Path, str]]:
+def remove_stale_temp_files(data_dir: str | DataPath, grace_s: float = 3600.0) -> list[tuple[DataPath, str]]:
     """Delete what ``stale_temp_files`` lists, logging each with its reason; returns them."""
     removed = []
     for path, why in stale_temp_files(data_dir, grace_s):
@@ -170,20 +204,25 @@ def remove_stale_temp_files(data_dir: Path, grace_s: float = 3600.0) -> list[tup
     return removed
 
 
-def open_shard(path: Path) -> pq.ParquetFile:
-    """Open a shard file, with an error naming it when it is missing, not Parquet, or not a shard."""
-    path = Path(path)
-    if not path.is_file():
+def open_shard(path: str | DataPath, data: bytes | None = None) -> pq.ParquetFile:
+    """Open a shard file (or its ``data``, already read), with an error naming it when it is missing, not
+    Parquet, or not a shard."""
+    path = data_path(path)
+    if data is None and not path.is_file():
         raise FileNotFoundError(f"{path}: shard file is missing")
     try:
-        parquet = pq.ParquetFile(path)
+        if data is not None:
+            parquet = pq.ParquetFile(pa.BufferReader(data))
+        else:
+            where, filesystem = parquet_target(path)
+            parquet = pq.ParquetFile(where if filesystem is None else filesystem.open_input_file(where))
     except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
         raise ShardError(f"{path}: not a readable Parquet file (corrupt or truncated): {exc}") from None
     check_schema(parquet.schema_arrow, str(path))
     return parquet
 
 
-def read_shard_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+def read_shard_table(path: str | DataPath, columns: list[str] | None = None) -> pa.Table:
     parquet = open_shard(path)
     try:
         return parquet.read(columns=columns)
@@ -192,7 +231,7 @@ def read_shard_table(path: Path, columns: list[str] | None = None) -> pa.Table:
 
 
 def read_shard_arrays(
-    path: Path, rows: np.ndarray | None = None, columns: list[str] | None = None
+    path: str | DataPath, rows: np.ndarray | None = None, columns: list[str] | None = None
 ) -> ShardArrays:
     """Decode a shard (optionally only some rows, in the given order, and some columns) into flat arrays.
 
@@ -214,7 +253,7 @@ def read_shard_arrays(
         raise ShardError(f"{path}: damaged shard: {exc}") from None
 
 
-def read_records(path: Path) -> list[TopKRecord]:
+def read_records(path: str | DataPath) -> list[TopKRecord]:
     """The records of one shard, with teacher ids (the inverse of ``ShardWriter``, up to the codec's error)."""
     return arrays_to_records(read_shard_arrays(path))
 
@@ -242,13 +281,15 @@ class ShardWriter:
 
     def __init__(
         self,
-        data_dir: str | Path,
+        data_dir: str | DataPath,
         settings: StorageSettings | None = None,
         catalog: Catalog | None = None,
         codec_params: Q16Params | None = None,
+        name_prefix: str = "",
     ) -> None:
-        self.data_dir = Path(data_dir)
-        self.settings = settings or StorageSettings(data_dir=self.data_dir)
+        self.data_dir = data_path(data_dir)
+        self.name_prefix = name_prefix
+        self.settings = settings or StorageSettings(data_dir=str(self.data_dir))
         self.catalog = catalog
         self.codec_params = codec_params or Q16Params()
         self.written: list[ShardInfo] = []
@@ -271,7 +312,7 @@ class ShardWriter:
             return None
         assert self._vocab is not None
         table = records_to_table(self._buffer, self._vocab, self.settings.logprob_codec, self.codec_params)
-        info = write_shard(table, self.data_dir, self.settings)
+        info = write_shard(table, self.data_dir, self.settings, self.name_prefix)
         if self.catalog is not None:
             self.catalog.register(info, index_rows(table))
         log.debug("wrote shard %s: %d records, %d bytes", info.name, info.rows, info.bytes)

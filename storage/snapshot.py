@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from storage.catalog import Catalog
+from storage.filesystem import DataPath, data_path
 from storage.shards import shard_dir
 
 SNAPSHOT_DIR = "snapshots"
@@ -26,7 +27,7 @@ MANIFEST_VERSION = 2  # 2: rows in order_key order
 
 @dataclass(frozen=True)
 class ShardSelection:
-    path: Path
+    path: DataPath
     bytes: int
     sha256: str
     rows: np.ndarray  # int64 row indices, in order_key order
@@ -45,7 +46,7 @@ class ShardSelection:
 @dataclass(frozen=True)
 class Snapshot:
     name: str
-    path: Path
+    path: DataPath
     content_hash: str
     selection: dict[str, Any]
     shards: list[ShardSelection]
@@ -68,7 +69,7 @@ def order_key(prompt: str | None, text: bytes) -> str:
     return hashlib.sha256((prompt or "").encode() + b"\x00" + text).hexdigest()
 
 
-def shard_order_keys(path: Path) -> list[str]:
+def shard_order_keys(path: DataPath) -> list[str]:
     """``order_key`` of every row of a shard file (its text: the bytes of its tokens)."""
     from storage.schema import TOKEN_COLUMNS, TOPK_COLUMNS
     from storage.shards import read_shard_arrays
@@ -82,7 +83,7 @@ def shard_order_keys(path: Path) -> list[str]:
     ]
 
 
-def _by_content(rows: list[tuple], directory: Path) -> list[tuple[str, list[tuple]]]:
+def _by_content(rows: list[tuple], directory: DataPath) -> list[tuple[str, list[tuple]]]:
     """Catalog rows ``(shard, row, sample_id, ...)`` grouped by shard, each shard's rows in ``order_key``
     order and the shards in the order of their first key. Rows within a shard follow the order in which the
     teacher answered and shard names are random: without this the reader's order (training batches, held-out
@@ -119,7 +120,8 @@ def create_snapshot(
     params: dict[str, Any] | None = None,
     max_samples: int | None = None,
 ) -> Snapshot:
-    """Freeze the records matching the filters as ``<data_dir>/snapshots/<name>.json``.
+    """Freeze the records matching the filters as ``<data_dir>/snapshots/<name>.json`` (in object storage too:
+    the manifest's ``data_dir`` is then the S3 URL with its endpoint and region, never credentials).
 
     Snapshots are immutable: asking again for an existing name returns it if its content is the same and fails
     otherwise. Every selected shard is checked to be present first.
@@ -170,7 +172,7 @@ def create_snapshot(
     return load_snapshot(path)
 
 
-def _version(path: Path) -> int:
+def _version(path: DataPath) -> int:
     """The manifest version of an existing snapshot (an older one is rewritten in the current order)."""
     try:
         return int(json.loads(path.read_text(encoding="utf-8")).get("version", 0))
@@ -178,15 +180,16 @@ def _version(path: Path) -> int:
         return MANIFEST_VERSION
 
 
-def load_snapshot(path: str | Path) -> Snapshot:
+def load_snapshot(path: str | DataPath) -> Snapshot:
     """Read a manifest; shard paths resolve against its ``data_dir`` (or the folder above ``snapshots/``)."""
-    path = Path(path)
+    path = data_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: snapshot manifest not found")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-        data_dir = Path(manifest["data_dir"])
-        if not (data_dir / "shards").is_dir() and path.parent.name == SNAPSHOT_DIR:
+        data_dir = data_path(manifest["data_dir"])
+        local = isinstance(data_dir, Path) and isinstance(path, Path)
+        if local and not (data_dir / "shards").is_dir() and path.parent.name == SNAPSHOT_DIR:
             data_dir = path.parent.parent  # the data folder was moved with its snapshots
         shards = [
             ShardSelection(shard_dir(data_dir) / s["name"], int(s["bytes"]), s["sha256"], _expand(s["rows"]))

@@ -9,6 +9,10 @@ Layout of a checkpoint directory::
     tokenizer.json       the student tokenizer, when one was given (a checkpoint is self-contained)
     train_state/rank_00000.pt ...   one file per global rank; only a same-grid resume reads them
 
+The model weights are float32 and the optimizer state is torch ``AdamW``'s format whichever optimizer path
+wrote them (``student.optim``: bf16 parameters are saved as their float32 main weights, the distributed
+optimizer's shards gathered), so a checkpoint made on a GPU resumes on a CPU and the other way round.
+
 Public API (stable; every function is collective: call it on all ranks of the job):
 
 - ``save_checkpoint(directory, model, settings, step, train_states=None, tokenizer=None, extra=None)``:

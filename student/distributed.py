@@ -12,7 +12,9 @@ Public API (stable):
   tracker (per-TP-rank dropout streams inside tensor-parallel regions).
 - ``teardown()``: destroys megatron's parallel state and the process group (safe to call twice).
 - ``distributed(tp, dp) -> ContextManager[DistEnv]``: the two above around a block.
-- ``rng_state() -> dict`` / ``set_rng_state(dict)``: every generator of this rank, for exact resume.
+- ``rng_state() -> dict`` / ``set_rng_state(dict)``: every generator of this rank, for exact resume. A state
+  saved on the other kind of device (GPU <-> CPU) restores the Python, NumPy and CPU torch generators and keeps
+  the freshly seeded CUDA / model-parallel tracker streams: a CUDA generator state is not a CPU one.
 - ``tp_group()``, ``dp_group()``: megatron's tensor- and data-parallel process groups.
 
 Rank layout is megatron's: TP ranks are adjacent (rank = dp_rank * tp + tp_rank), so a TP group never
@@ -131,7 +133,13 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "tracker": {name: state.clone() for name, state in tracker.get_states().items()},
+        "tracker_device": _tracker_device(),
     }
+
+
+def _tracker_device() -> str:
+    """Whose generator states the model-parallel tracker holds: CPU ones under the ``compat`` shims."""
+    return "cpu" if compat.on_cpu() else "cuda"
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -140,7 +148,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    mcore_random.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+    if state.get("tracker_device", _tracker_device()) == _tracker_device():  # older states: same device
+        mcore_random.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
 
 
 def teardown() -> None:

@@ -90,10 +90,10 @@ def load_documents(data: Path, tokenizer: Any) -> Documents:
             [None] * (len(corpus.doc_starts) - 1),
         )
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from storage.alignment import vocab_mapper
     from storage.reader import PackedReader, _gather
+    from storage.shards import read_shard_table
     from storage.snapshot import shard_order_keys
 
     reader = PackedReader(
@@ -108,7 +108,7 @@ def load_documents(data: Path, tokenizer: Any) -> Documents:
         tokens.append(docs.tokens)
         ids.append(shard_ids)
         logprobs.append(shard_logprobs)
-        column = pq.read_table(shard.path, columns=["sample_id"]).column("sample_id")
+        column = read_shard_table(shard.path, columns=["sample_id"]).column("sample_id")
         sample_ids += column.take(pa.array(shard.rows)).to_pylist()
         shard_keys = shard_order_keys(shard.path)
         keys += [shard_keys[r] for r in shard.rows]

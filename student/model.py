@@ -17,6 +17,8 @@ Public API (stable; call after ``student.distributed.init_distributed``):
   logits, float32 (bf16 under GPU autocast), this rank's slice ``[tp_rank * V/TP, (tp_rank+1) * V/TP)``.
   Columns of padding rows (``>= model.true_vocab_size``) hold ``PAD_LOGIT`` and get no gradient: they never
   win a softmax, an argmax or a top-k.
+- ``forward_hidden(model, tokens, position_ids, doc_ids) -> (hidden [B, S, h], weight [V_padded/TP, h])``: the
+  output layer's input and weight shard, for the fused output layer + loss that never holds the logits.
 
 Architecture, as Hugging Face's ``LlamaForCausalLM`` computes it: token embedding (no positional table),
 pre-norm blocks of RMSNorm -> attention with RoPE (non-interleaved halves, ``rotary_base``) -> residual ->
@@ -149,6 +151,24 @@ def forward_logits(
     """Vocabulary-parallel logits ``[B, S, V_padded/TP]`` of a packed batch, padding columns at ``PAD_LOGIT``."""
     logits = model(input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask(doc_ids))
     return mask_padded_vocab(logits, model.true_vocab_size)
+
+
+def forward_hidden(
+    model: GPTModel, tokens: torch.Tensor, position_ids: torch.Tensor, doc_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the output layer would read: final hidden states ``[B, S, h]`` (after the final norm) and this rank's
+    output weight ``[V_padded/TP, h]`` (the embedding's when tied), for the fused output layer + loss
+    (``student.losses.fused``); ``forward_logits`` is ``mask_padded_vocab(hidden @ weight.T)``."""
+    inner = getattr(model, "module", model)
+    # GPTModel._postprocess then returns the decoder's output: the output layer is skipped
+    inner.post_process = False
+    try:
+        hidden = model(input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask(doc_ids))
+    finally:
+        inner.post_process = True
+    tied = inner.share_embeddings_and_output_weights
+    weight = inner.shared_embedding_or_output_weight() if tied else inner.output_layer.weight
+    return hidden.transpose(0, 1), weight
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

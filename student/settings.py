@@ -94,10 +94,18 @@ class TrainSettings(BaseModel):
     eval_batches: int = Field(8, gt=0, description="Validation micro-batches per evaluation.")
     checkpoint_every: int = Field(100, gt=0, description="Steps between checkpoints.")
     seed: int = Field(1234, description="Random seed (model init, data order, dropout).")
-    bf16: bool = Field(True, description="bf16 autocast when on GPU (CPU always trains in float32).")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="Parameter precision: bf16 (float32 main weights, GPU only) or fp32; auto: bf16 on GPU, fp32 on CPU.",
+    )
     threads_per_rank: int = Field(1, gt=0, description="torch intra-op threads per rank on CPU.")
     keep_checkpoints: int = Field(
         2, gt=0, description="Newest step checkpoints kept (older ones are deleted)."
     )
     adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW beta1.")
     adam_beta2: float = Field(0.95, ge=0, lt=1, description="AdamW beta2.")
+    fused_output_loss: bool = Field(
+        True,
+        description="Fuse the output layer into the loss: the [tokens, vocab] logits are never held "
+        "(docs/losses.md); false: the output layer's logits, then the loss.",
+    )

@@ -14,8 +14,11 @@ architecture and loads its own checkpoint instead.
 One optimizer step: ``grad_accum_steps`` micro-batches per data-parallel rank; each micro-batch loss (a mean
 over its tokens) is weighted by its share of the tokens of the *global* step (all micro-batches of all DP
 ranks), so the step minimises the token mean of the global batch whatever the TP x DP grid or accumulation.
-Gradients are summed over the DP group (one flat all-reduce), clipped on the global norm (sharded parameters
-counted once per TP rank, replicated ones once), then AdamW and a warmup + cosine schedule.
+Gradients are summed over the DP group by megatron-core's DDP (bucketed, overlapped with the last backward),
+clipped on the global norm (sharded parameters counted once per TP rank, replicated ones once), then AdamW and a
+warmup + cosine schedule: megatron-core's distributed optimizer on CUDA (bf16 parameters with float32 main
+weights by default, ``train.precision``), torch AdamW on CPU; see ``student.optim`` for why, and for the
+checkpointed optimizer state that either path resumes.
 
 Outputs in ``out_dir``: ``metrics.jsonl`` (one JSON object per line: ``step``, ``split`` train|val,
 ``loss``, ``lr``, ``tokens``, the loss's metrics, ``grad_norm`` for train), ``checkpoints/step_NNNNNN/``
@@ -38,7 +41,6 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from tqdm import tqdm
 
 from storage.alignment import vocab_mapper
@@ -53,12 +55,12 @@ from student.distributed import (
     seed_everything,
     set_rng_state,
     teardown,
-    tp_group,
 )
 from student.hf_import import HFImportError, init_settings, load_hf_weights
 from student.losses import METRIC_SUMS, distillation_loss
-from student.model import build_model, forward_logits
-from student.schedule import make_scheduler
+from student.losses.fused import OutputHead, fused_distillation_loss
+from student.model import build_model, forward_hidden, forward_logits
+from student.optim import TrainOptimizer, make_train_optimizer, resolve_precision
 from student.settings import LossSettings, ModelSettings, TrainSettings
 from student.specs import read_spec
 from student.tokenizer import StudentTokenizer
@@ -92,6 +94,10 @@ def load_spec(path: str | Path) -> TrainSpec:
         effective_model(spec)
     except SpecError as exc:
         raise SpecError(f"{path}: {exc}") from None
+    try:
+        resolve_precision(spec.train, torch.cuda.is_available())
+    except ValueError as exc:
+        raise SpecError(f"{path}: field 'train.precision': {exc}") from None
     return spec
 
 
@@ -159,62 +165,34 @@ def make_batches(
 # --------------------------------------------------------------------------------------------- step
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Weight decay on matrices (embeddings included), none on norm weights."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(model, settings.weight_decay),
-        lr=settings.lr,
-        betas=(settings.adam_beta1, settings.adam_beta2),
-        eps=1e-8,
-        foreach=False,
-    )
-
-
-def reduce_gradients(params: list[torch.nn.Parameter], group: dist.ProcessGroup, scale: float) -> None:
-    """Sum gradients over the data-parallel group (one flat all-reduce) and multiply them by ``scale``."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = _flatten_dense_tensors(grads)
-    if dist.get_world_size(group) > 1:
-        dist.all_reduce(flat, group=group)
-    flat.mul_(scale)
-    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
-        grad.copy_(reduced)
-
-
-def clip_gradients(params: list[torch.nn.Parameter], max_norm: float, tp_rank: int) -> float:
-    """Clip to ``max_norm`` on the norm of the whole (unsharded) model's gradient; returns that norm.
-
-    A tensor-parallel parameter (``tensor_model_parallel``) holds a distinct slice on each TP rank; others
-    (norm weights) are replicated with equal gradients, so only TP rank 0 counts them.
-    """
-    squares = torch.zeros((), dtype=torch.float64, device=params[0].device)
-    for p in params:
-        if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
-            squares += p.grad.detach().double().pow(2).sum()
-    dist.all_reduce(squares, group=tp_group())
-    norm = float(squares.sqrt())
-    scale = min(max_norm / (norm + 1e-6), 1.0)
-    if scale < 1.0:
-        for p in params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    return norm
-
-
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _autocast(env: DistEnv, settings: TrainSettings):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=env.device.type == "cuda" and settings.bf16)
+    """On CUDA in bf16: the parameters are bf16 already; autocast keeps softmax and norms in float32."""
+    cuda = env.device.type == "cuda"
+    return torch.autocast(
+        "cuda", dtype=torch.bfloat16, enabled=cuda and resolve_precision(settings, cuda) == "bf16"
+    )
+
+
+def model_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    settings: TrainSettings,
+    loss_settings: LossSettings,
+    env: DistEnv,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``distillation_loss`` of the model on a batch; with ``fused_output_loss`` the output layer and the loss
+    are one Function that never holds the logits (``student.losses.fused``; same loss and metrics)."""
+    with _autocast(env, settings):
+        if settings.fused_output_loss:
+            hidden, weight = forward_hidden(model, batch["tokens"], batch["position_ids"], batch["doc_ids"])
+            head = OutputHead(hidden, weight, model.true_vocab_size)
+            return fused_distillation_loss(head, batch, loss_settings)
+        logits = forward_logits(model, batch["tokens"], batch["position_ids"], batch["doc_ids"])
+    return distillation_loss(logits, batch, loss_settings)
 
 
 MEANS = {
@@ -250,8 +228,7 @@ class _Tally:
 
 def train_step(
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    optimizer: TrainOptimizer,
     microbatches: list[dict[str, torch.Tensor]],
     settings: TrainSettings,
     loss_settings: LossSettings,
@@ -259,26 +236,20 @@ def train_step(
 ) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches; returns the global token-mean loss and metrics.
 
-    Each micro-batch back-propagates its loss *sum* (mean x contributing tokens); after the DP all-reduce the
+    Each micro-batch back-propagates its loss *sum* (mean x contributing tokens); after the DP reduction the
     gradient is divided by the step's total token count, so it is the gradient of the global token mean.
     """
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad()
     tally = _Tally()
-    for mb in microbatches:
+    for index, mb in enumerate(microbatches):
         batch = _to_device(mb, env.device)
-        with _autocast(env, settings):
-            logits = forward_logits(model, batch["tokens"], batch["position_ids"], batch["doc_ids"])
-        loss, metrics = distillation_loss(logits, batch, loss_settings)
-        (loss * metrics["tokens"]).backward()
+        loss, metrics = model_loss(model, batch, settings, loss_settings, env)
+        with optimizer.backward_context(last=index == len(microbatches) - 1):
+            (loss * metrics["tokens"]).backward()
         tally.add(loss.detach(), metrics)
     result = tally.reduce(env.device)
-    reduce_gradients(params, dp_group(), 1.0 / max(result["step_tokens"], 1.0))
-    grad_norm = clip_gradients(params, settings.grad_clip, env.tp_rank)
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
-    scheduler.step()
+    grad_norm, lr = optimizer.step(1.0 / max(result["step_tokens"], 1.0))
     return {**result, "lr": lr, "grad_norm": grad_norm}
 
 
@@ -295,9 +266,7 @@ def evaluate(
     tally = _Tally()
     for mb in islice(batches, max_batches):
         batch = _to_device(mb, env.device)
-        with _autocast(env, settings):
-            logits = forward_logits(model, batch["tokens"], batch["position_ids"], batch["doc_ids"])
-        loss, metrics = distillation_loss(logits, batch, loss_settings)
+        loss, metrics = model_loss(model, batch, settings, loss_settings, env)
         tally.add(loss, metrics)
     return tally.reduce(env.device)
 
@@ -379,18 +348,17 @@ def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
     tokenizer = StudentTokenizer.load(spec.tokenizer)
     model_settings = effective_model(spec)
     model = build_model(model_settings, tokenizer.vocab_size)
-    if model_settings.init is not None and resume is None:
+    if resume is not None:
+        ckpt.load_model_weights(model, resume)
+    elif model_settings.init is not None:
         load_hf_weights(model, model_settings.init, model_settings)
-    optimizer = make_optimizer(model, settings)
-    scheduler = make_scheduler(optimizer, settings)
+    optimizer = make_train_optimizer(model, settings, env)  # after the float32 weights are in place
     train_batches = make_batches(spec.train_data, tokenizer, spec, env, train=True)
 
     step, tokens_seen = 0, 0.0
     if resume is not None:
-        ckpt.load_model_weights(model, resume)
         state = ckpt.load_train_state(resume)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        optimizer.load_state_dict(state)
         set_rng_state(state["rng"])
         train_batches.load_state_dict(state["data"])
         step, tokens_seen = state["step"], state["tokens"]
@@ -402,23 +370,25 @@ def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
             tqdm.write(_format(record))
 
     def save(directory: Path, with_state: bool) -> None:
-        states = {
-            "step": step,
-            "data": train_batches.state_dict(),
-            "tokens": tokens_seen,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_state(),
-        }
-        ckpt.save_checkpoint(
-            directory,
-            model,
-            model_settings,
-            step,
-            train_states=states if with_state else None,
-            tokenizer=spec.tokenizer,
-            extra={"loss": spec.loss.model_dump(), "tokens": tokens_seen},
-        )
+        states = None
+        if with_state:
+            states = {
+                "step": step,
+                "data": train_batches.state_dict(),
+                "tokens": tokens_seen,
+                **optimizer.state_dict(),  # "optimizer" and "scheduler"
+                "rng": rng_state(),
+            }
+        with optimizer.float32_weights():
+            ckpt.save_checkpoint(
+                directory,
+                model,
+                model_settings,
+                step,
+                train_states=states,
+                tokenizer=spec.tokenizer,
+                extra={"loss": spec.loss.model_dump(), "tokens": tokens_seen},
+            )
 
     def validate() -> dict[str, float] | None:
         if spec.val_data is None:
@@ -427,7 +397,13 @@ def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
         result = evaluate(model, val_batches, settings, spec.loss, env, settings.eval_batches)
         result["eval_tokens"] = result.pop("step_tokens")
         emit(
-            {"step": step, "split": "val", **result, "lr": scheduler.get_last_lr()[0], "tokens": tokens_seen}
+            {
+                "step": step,
+                "split": "val",
+                **result,
+                "lr": optimizer.scheduler.get_last_lr()[0],
+                "tokens": tokens_seen,
+            }
         )
         return result
 
@@ -440,7 +416,7 @@ def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
     bar = tqdm(total=settings.steps, initial=step, disable=not env.is_main, desc="train", unit="step")
     while step < settings.steps:
         micro = list(islice(stream, settings.grad_accum_steps))
-        result = train_step(model, optimizer, scheduler, micro, settings, spec.loss, env)
+        result = train_step(model, optimizer, micro, settings, spec.loss, env)
         step += 1
         tokens_seen += result["step_tokens"]
         last_train = result
@@ -469,6 +445,8 @@ def _train(spec: TrainSpec, env: DistEnv) -> dict[str, Any]:
         "resumed_from": str(resume) if resume else None,
         "tensor_parallel": env.tp,
         "data_parallel": env.dp,
+        "device": env.device.type,
+        "precision": resolve_precision(settings, env.device.type == "cuda"),
         "loss": spec.loss.model_dump(),
         "final_checkpoint": "final",  # relative: the pipeline renames this folder once the stage is complete
     }

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import httpx2  # the openai client's HTTP library: its errors carry httpx2 responses
 import openai
 
 from teacher.parsing import ResponseShapeError, ShiftedScoresError, parse_chat, parse_completion
@@ -39,7 +40,9 @@ def describe_error(exc: BaseException, url: str | None = None) -> str:
             causes.append(f"{type(inner).__name__}: {text}")
         inner = inner.__cause__ or inner.__context__
     response = getattr(exc, "response", None)
-    if isinstance(response, httpx.Response) and "json" not in response.headers.get("content-type", "json"):
+    if isinstance(response, (httpx.Response, httpx2.Response)) and "json" not in response.headers.get(
+        "content-type", "json"
+    ):
         snippet = response.text[:120].replace("\n", " ")
         causes = [f"HTTP {response.status_code} with a {response.headers['content-type']} body: {snippet!r}"]
     return (f"{where}: " if where else "") + " <- ".join(causes or [type(exc).__name__])

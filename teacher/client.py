@@ -10,12 +10,13 @@ backoff cover every fault.
 from __future__ import annotations
 
 import hashlib
-import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
+import orjson
 from openai import AsyncOpenAI
 
+from teacher.dense import RawArray, decode_body
 from teacher.inputs import WorkItem
 from teacher.parsing import (
     Parsed,
@@ -30,24 +31,45 @@ from teacher.parsing import (
 )
 from teacher.settings import TeacherSettings
 
+if TYPE_CHECKING:
+    from openai._legacy_response import LegacyAPIResponse
+
 BAD_BODY_STATUS = 502
+DECODED = "teacher_decoded_body"  # response extension: the body as ValidatingTransport decoded it
+
+
+def response_body(raw: LegacyAPIResponse[Any]) -> Any:
+    """The decoded JSON of a raw ``openai`` response (decoded once, by ``ValidatingTransport``)."""
+    decoded = raw.http_response.extensions.get(DECODED)
+    return decoded if decoded is not None else decode_body(raw.content)
 
 
 def body_problem(request_body: bytes, response_body: bytes) -> str | None:
     """Why a 200 response cannot be used for the request that asked for it, or None when it can."""
+    return decoded_problem(request_body, response_body)[1]
+
+
+def decoded_problem(request_body: bytes, response_body: bytes) -> tuple[Any, str | None]:
+    """The decoded body (``teacher.dense.decode_body``: its bulky array left raw) and ``body_problem``'s answer."""
     try:
-        body = json.loads(response_body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return "a body that is not valid JSON"
+        body = decode_body(response_body)
+    except ValueError:  # orjson's JSONDecodeError, bad UTF-8 included
+        return None, "a body that is not valid JSON"
     try:
-        asked = json.loads(request_body) if request_body else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        asked = orjson.loads(request_body) if request_body else {}
+    except ValueError:
         asked = {}
+    return body, _problem(asked if isinstance(asked, dict) else {}, body)
+
+
+def _problem(asked: dict, body: Any) -> str | None:
     choices = body.get("choices") if isinstance(body, dict) else None
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         return "no choices"
     choice = choices[0]
-    if asked.get("prompt_logprobs") is not None and not isinstance(choice.get("prompt_logprobs"), list):
+    if asked.get("prompt_logprobs") is not None and not isinstance(
+        choice.get("prompt_logprobs"), list | RawArray
+    ):
         return "no prompt_logprobs although they were asked for"
     if asked.get("logprobs") not in (None, False) and not isinstance(choice.get("logprobs"), dict):
         return "no logprobs although they were asked for"
@@ -68,8 +90,9 @@ class ValidatingTransport(httpx2.AsyncBaseTransport):
             content = await response.aread()
         finally:
             await response.aclose()
-        problem = body_problem(request.content, content)
+        body, problem = decoded_problem(request.content, content)
         if problem is None:
+            response.extensions = {**response.extensions, DECODED: body}  # decoded once, read by the client
             return response
         kind = response.headers.get("content-type", "no content type")
         message = f"{request.url}: the teacher answered 200 with {problem} ({kind})"
@@ -84,11 +107,14 @@ class ValidatingTransport(httpx2.AsyncBaseTransport):
         await self.inner.aclose()
 
 
-def make_openai_client(settings: TeacherSettings, base_url: str, api_key: str | None) -> AsyncOpenAI:
+def make_openai_client(
+    settings: TeacherSettings, base_url: str, api_key: str | None, concurrency: int | None = None
+) -> AsyncOpenAI:
+    """The ``openai`` client of one endpoint: at most ``concurrency`` (default ``settings.concurrency``)
+    connections, every 200 checked by ``ValidatingTransport``."""
+    connections = concurrency or settings.concurrency
     timeout = httpx2.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 10.0))
-    limits = httpx2.Limits(
-        max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency
-    )
+    limits = httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
     transport = ValidatingTransport(httpx2.AsyncHTTPTransport(limits=limits))
     return AsyncOpenAI(
         base_url=base_url,
@@ -120,11 +146,17 @@ def estimated_tokens(item: WorkItem, settings: TeacherSettings) -> int:
 class TeacherClient:
     """One request per work item, answered as ``Parsed`` top-k (see ``teacher.parsing``).
 
-    ``resolve`` (teacher id -> bytes) recovers the bytes of tokens a server reports by id or lossily.
+    ``resolve`` (teacher id -> bytes) recovers the bytes of tokens a server reports by id or lossily;
+    ``concurrency`` caps the connections to ``base_url`` (default ``settings.concurrency``).
     """
 
     def __init__(
-        self, settings: TeacherSettings, base_url: str, api_key: str | None, resolve: Resolve | None = None
+        self,
+        settings: TeacherSettings,
+        base_url: str,
+        api_key: str | None,
+        resolve: Resolve | None = None,
+        concurrency: int | None = None,
     ) -> None:
         if settings.mode == "score" and settings.score_api == "prompt_logprobs" and not settings.token_ids:
             raise ValueError(
@@ -142,7 +174,8 @@ class TeacherClient:
             )
         self.settings = settings
         self.resolve = resolve
-        self.openai = make_openai_client(settings, base_url, api_key)
+        self.base_url = base_url
+        self.openai = make_openai_client(settings, base_url, api_key, concurrency)
 
     async def __aenter__(self) -> TeacherClient:
         return self
@@ -182,7 +215,7 @@ class TeacherClient:
             temperature=s.temperature,
             extra_body={**self._id_body(), **self._sample_body(item)},
         )
-        body = json.loads(raw.content)
+        body = response_body(raw)
         return with_samples(
             parse_chat(body, s.top_k, self.resolve), chat_samples(body, s.samples, self.resolve)
         )
@@ -197,7 +230,7 @@ class TeacherClient:
             temperature=s.temperature,
             extra_body={**self._id_body(), **self._sample_body(item)},
         )
-        body = json.loads(raw.content)
+        body = response_body(raw)
         parsed = parse_completion(body, s.top_k, resolve=self.resolve)
         return with_samples(parsed, completion_samples(body, s.samples, self.resolve))
 
@@ -213,7 +246,7 @@ class TeacherClient:
             temperature=0.0,
             extra_body={**self._id_body(), **self._sample_body(item)},
         )
-        body = json.loads(raw.content)
+        body = response_body(raw)
         parsed = parse_completion(body, s.top_k, text, self.resolve)
         return with_samples(parsed, completion_samples(body, s.samples, self.resolve))
 
@@ -225,6 +258,6 @@ class TeacherClient:
         raw = await self.openai.completions.with_raw_response.create(
             model=s.model, prompt=text, echo=True, logprobs=0, max_tokens=1, temperature=0.0, extra_body=extra
         )
-        body = json.loads(raw.content)
+        body = response_body(raw)
         parsed = parse_prompt_logprobs(body, s.top_k, text, self.resolve)
         return with_samples(parsed, prompt_samples(body, s.samples, self.resolve))

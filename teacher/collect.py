@@ -3,7 +3,9 @@
 The collector never writes files. The caller passes the sample ids already stored (skipped: a re-run asks only
 for what is missing) and a sink ``(records, vocab) -> None`` wired to the storage shard writer. A request that
 still fails after the client's retries is returned as a ``Failure`` with its reason (API key redacted), never
-dropped. Concurrency is a fixed pool of workers pulling from one shared queue, under the request/token rate limits.
+dropped. Requests go to one or more endpoints (``teacher.endpoints``), each under its own concurrency and
+request/token rate limits. A score-mode document longer than the teacher's context is scored in overlapping
+windows merged back into one record (``teacher.windows``).
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from tqdm import tqdm
 
 from storage.records import TeacherVocab, TopKRecord, sample_id
 from teacher.check import describe_error
-from teacher.client import TeacherClient, estimated_tokens, request_params
+from teacher.client import estimated_tokens, request_params
+from teacher.endpoints import Endpoint, EndpointPool, EndpointStats, dispatch
 from teacher.fragments import FragmentStats, repair, spells
 from teacher.inputs import WorkItem
-from teacher.parsing import SENTINEL_LOGPROB, Parsed, Resolve, ResponseShapeError, Token
-from teacher.ratelimit import RateLimiter
+from teacher.parsing import SENTINEL_LOGPROB, DenseTopK, Parsed, Resolve, ResponseShapeError, Token
 from teacher.secrets import redact
 from teacher.settings import TeacherSettings
+from teacher.windows import ask_scored
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class CollectResult:
     completion_tokens: int = 0
     seconds: float = 0.0
     fragments: FragmentStats = field(default_factory=FragmentStats)  # split characters recovered / marked
+    endpoints: dict[str, EndpointStats] = field(default_factory=dict)  # per teacher endpoint, by base URL
 
 
 def _token_id(token: Token, vocab: TeacherVocab, server_ids: dict[bytes, int] | None) -> int:
@@ -88,10 +92,9 @@ def _record_extras(parsed: Parsed, vocab: TeacherVocab, server_ids: dict[bytes, 
     """The record's ``token_logprobs`` (the actual token's logprob where its position has a prediction, else
     NaN) and, when the answer has them, its tail samples (``sample_ids`` / ``sample_counts``)."""
     n = len(parsed.tokens)
-    known = [
-        bool(c) and t.logprob > SENTINEL_LOGPROB + 0.5
-        for t, c in zip(parsed.tokens, parsed.candidates, strict=True)
-    ]
+    rows = parsed.candidates
+    has_top = (rows.ids[:, 0] >= 0).tolist() if isinstance(rows, DenseTopK) else [bool(c) for c in rows]
+    known = [h and t.logprob > SENTINEL_LOGPROB + 0.5 for t, h in zip(parsed.tokens, has_top, strict=True)]
     extras: dict = {
         "token_logprobs": np.array(
             [t.logprob if k else np.nan for t, k in zip(parsed.tokens, known, strict=True)], np.float32
@@ -107,6 +110,44 @@ def _record_extras(parsed: Parsed, vocab: TeacherVocab, server_ids: dict[bytes, 
     return extras
 
 
+class PinnedIds:
+    """Teacher ids already pinned in one vocabulary with their resolved bytes: a dense answer's ~20,000 top-k ids
+    then cost one array lookup, and only ids new to the vocabulary a ``TeacherVocab.add`` each."""
+
+    def __init__(self) -> None:
+        self.pinned = np.zeros(0, np.bool_)
+
+    def pin(self, ids: np.ndarray, vocab: TeacherVocab, resolve: Resolve) -> None:
+        ids = ids[ids >= 0]
+        if not len(ids):
+            return
+        top = int(ids.max())
+        if top >= len(self.pinned):
+            self.pinned = np.concatenate(
+                [self.pinned, np.zeros(max(top + 1, 2 * len(self.pinned)), np.bool_)]
+            )
+        new = np.unique(ids[~self.pinned[ids]])
+        for token_id in new.tolist():
+            vocab.add(token_id, resolve(token_id))
+        self.pinned[new] = True
+
+
+def _dense_arrays(parsed: Parsed, vocab: TeacherVocab, pinned: PinnedIds) -> tuple[np.ndarray, ...] | None:
+    """(tokens, top-k ids, top-k logprobs) of a ``DenseTopK`` answer whose tokens all carry ids and bytes (what
+    ``repair`` would leave as it is), without a Python object per entry; None for any other answer. The dense
+    parsers take every token's bytes from the same ``resolve`` as the top-k's, so ids are pinned by id."""
+    dense = parsed.candidates
+    if not isinstance(dense, DenseTopK) or parsed.samples is not None:
+        return None
+    if not all(t.id is not None and t.data for t in parsed.tokens):
+        return None
+    tokens = np.array([t.id for t in parsed.tokens], dtype=np.int32)
+    pinned.pin(np.concatenate([tokens, dense.ids.ravel()]), vocab, dense.resolve)  # the parsers resolved them
+    if not spells(b"".join(vocab.bytes_of(t) for t in tokens.tolist()), parsed.text):
+        raise ResponseShapeError("the tokens do not spell the text")
+    return tokens, dense.ids.astype(np.int32), dense.logprobs.astype(np.float32)
+
+
 def build_record(
     parsed: Parsed,
     prompt: str,
@@ -116,31 +157,21 @@ def build_record(
     params: dict,
     vocab: TeacherVocab,
     stats: FragmentStats | None = None,
+    pinned: PinnedIds | None = None,
 ) -> TopKRecord:
     """A ``TopKRecord`` in teacher-vocab ids from a parsed answer (a varying k padded with -1 / -inf).
 
     Tokens the server sent without bytes are recovered from the text or marked (``teacher.fragments``); a
     record whose tokens do not spell its text raises ``ResponseShapeError`` and is never built. The sample id
-    hashes the prompt (the text, in score mode), the teacher and the request parameters.
+    hashes the prompt (the text, in score mode), the teacher and the request parameters. ``pinned`` (one per
+    vocabulary) spares re-checking the ids of earlier records.
     """
-    parsed = repair(parsed, stats)
-    server_ids = _server_ids(parsed)
-    n = len(parsed.tokens)
-    width = max((len(c) for c in parsed.candidates), default=0) or 1
-    ids = np.full((n, width), -1, dtype=np.int32)
-    logprobs = np.full((n, width), -np.inf, dtype=np.float32)
-    has_logits = any(c.logit is not None for row in parsed.candidates for c in row)
-    logits = np.full((n, width), -np.inf, dtype=np.float32) if has_logits else None
-    for i, candidates in enumerate(parsed.candidates):
-        for j, cand in enumerate(candidates):
-            ids[i, j] = _token_id(cand, vocab, server_ids)
-            logprobs[i, j] = cand.logprob
-            if logits is not None and cand.logit is not None:
-                logits[i, j] = cand.logit
-    # After the candidates: a bytes-only token (the first prompt token) then reuses a server-given id.
-    tokens = np.array([_token_id(t, vocab, server_ids) for t in parsed.tokens], dtype=np.int32)
-    if not spells(b"".join(vocab.bytes_of(int(t)) for t in tokens), parsed.text):
-        raise ResponseShapeError("the tokens do not spell the text")
+    dense = _dense_arrays(parsed, vocab, pinned if pinned is not None else PinnedIds())
+    if dense is not None:
+        tokens, ids, logprobs = dense
+        logits, server_ids = None, None
+    else:
+        tokens, ids, logprobs, logits, server_ids, parsed = _listed_arrays(parsed, vocab, stats)
     return TopKRecord(
         sample_id=sample_id(prompt, teacher, params),
         split=split,
@@ -159,6 +190,30 @@ def build_record(
         topk_logits=logits,
         **_record_extras(parsed, vocab, server_ids),
     )
+
+
+def _listed_arrays(parsed: Parsed, vocab: TeacherVocab, stats: FragmentStats | None) -> tuple:
+    """``build_record``'s arrays from lists of tokens, after ``repair``: (tokens, ids, logprobs, logits, the
+    server's ids by bytes, the repaired answer)."""
+    parsed = repair(parsed, stats)
+    server_ids = _server_ids(parsed)
+    n = len(parsed.tokens)
+    width = max((len(c) for c in parsed.candidates), default=0) or 1
+    ids = np.full((n, width), -1, dtype=np.int32)
+    logprobs = np.full((n, width), -np.inf, dtype=np.float32)
+    has_logits = any(c.logit is not None for row in parsed.candidates for c in row)
+    logits = np.full((n, width), -np.inf, dtype=np.float32) if has_logits else None
+    for i, candidates in enumerate(parsed.candidates):
+        for j, cand in enumerate(candidates):
+            ids[i, j] = _token_id(cand, vocab, server_ids)
+            logprobs[i, j] = cand.logprob
+            if logits is not None and cand.logit is not None:
+                logits[i, j] = cand.logit
+    # After the candidates: a bytes-only token (the first prompt token) then reuses a server-given id.
+    tokens = np.array([_token_id(t, vocab, server_ids) for t in parsed.tokens], dtype=np.int32)
+    if not spells(b"".join(vocab.bytes_of(int(t)) for t in tokens), parsed.text):
+        raise ResponseShapeError("the tokens do not spell the text")
+    return tokens, ids, logprobs, logits, server_ids, parsed
 
 
 def _reason(exc: BaseException, api_key: str | None) -> str:
@@ -187,7 +242,7 @@ def pending_items(
 async def collect_async(
     items: Iterable[WorkItem],
     settings: TeacherSettings,
-    base_url: str,
+    base_url: str | list[str],
     api_key: str | None,
     stored_ids: set[str],
     sink: Sink,
@@ -198,48 +253,67 @@ async def collect_async(
     """Ask for every item not in ``stored_ids``; records go to ``sink`` one by one as answers arrive.
 
     ``resolve`` (teacher id -> bytes, the teacher's tokenizer) recovers tokens reported by id or lossily.
+    ``base_url`` may list several endpoints (replicas): see ``teacher.endpoints``.
     """
     result = CollectResult()
     vocab = vocab if vocab is not None else TeacherVocab()
     params = request_params(settings)
     todo = list(pending_items(items, settings, stored_ids, result))
-    limiter = RateLimiter(settings.requests_per_minute, settings.tokens_per_minute)
     bar = tqdm(total=len(todo), unit="req", desc=f"teacher {settings.model}", disable=not progress)
     started = time.monotonic()
-    queue = iter(todo)
+    pinned = PinnedIds()
 
-    async def worker(client: TeacherClient) -> None:
-        for sid, item in queue:  # one shared iterator: each item goes to exactly one worker
-            estimate = estimated_tokens(item, settings)
-            await limiter.acquire(estimate)
-            result.requested += 1
-            try:
-                parsed = await client.ask(item)
-                record = build_record(
-                    parsed, item.prompt_text(), item.split, settings.model, settings.mode, params, vocab,
-                    result.fragments,
-                )  # fmt: skip
-            except (openai.OpenAIError, ResponseShapeError, ValueError) as exc:
-                failure = Failure(sid, item.prompt_text()[:200], _reason(exc, api_key))
-                result.failures.append(failure)
-                log.warning("sample %s failed: %s", sid, failure.reason)
-            else:
-                limiter.settle(estimate, parsed.prompt_tokens + parsed.completion_tokens)
-                result.prompt_tokens += parsed.prompt_tokens
-                result.completion_tokens += parsed.completion_tokens
-                sink([record], vocab)
-                result.collected += 1
-            bar.update(1)
-            bar.set_postfix(
-                failed=len(result.failures),
-                tokens=result.prompt_tokens + result.completion_tokens,
-                refresh=False,
+    async def attempt(endpoint: Endpoint, job: tuple[str, WorkItem]) -> tuple[Parsed, TopKRecord]:
+        _, item = job
+        estimate = estimated_tokens(item, settings)
+        await endpoint.limiter.acquire(estimate)
+        client = endpoint.client
+        if settings.mode == "score":  # a document longer than the context: scored in windows
+            parsed = await ask_scored(
+                client, item, settings.context_tokens, settings.window_overlap, result.fragments
             )
+        else:
+            parsed = await client.ask(item)
+        record = build_record(
+            parsed, item.prompt_text(), item.split, settings.model, settings.mode, params, vocab,
+            result.fragments, pinned,
+        )  # fmt: skip
+        endpoint.limiter.settle(estimate, parsed.prompt_tokens + parsed.completion_tokens)
+        return parsed, record
 
+    def progressed() -> None:
+        bar.update(1)
+        bar.set_postfix(
+            failed=len(result.failures), tokens=result.prompt_tokens + result.completion_tokens, refresh=False
+        )
+
+    def on_success(endpoint: Endpoint, job: tuple[str, WorkItem], outcome: tuple[Parsed, TopKRecord]) -> int:
+        parsed, record = outcome
+        result.requested += 1
+        result.prompt_tokens += parsed.prompt_tokens
+        result.completion_tokens += parsed.completion_tokens
+        sink([record], vocab)
+        result.collected += 1
+        progressed()
+        return parsed.prompt_tokens + parsed.completion_tokens
+
+    def on_failure(job: tuple[str, WorkItem], exc: BaseException) -> None:
+        sid, item = job
+        result.requested += 1
+        failure = Failure(sid, item.prompt_text()[:200], _reason(exc, api_key))
+        result.failures.append(failure)
+        log.warning("sample %s failed: %s", sid, failure.reason)
+        progressed()
+
+    urls = [base_url] if isinstance(base_url, str) else list(base_url)
     try:
         if todo:  # nothing to ask: no client, no connection
-            async with TeacherClient(settings, base_url, api_key, resolve) as client:
-                await asyncio.gather(*(worker(client) for _ in range(min(settings.concurrency, len(todo)))))
+            pool = EndpointPool(settings, urls, api_key, resolve)
+            try:
+                await dispatch(pool, todo, attempt, on_success, on_failure)
+            finally:
+                await pool.close()
+                result.endpoints = {e.url: e.stats for e in pool.endpoints}
     finally:
         bar.close()
     result.seconds = time.monotonic() - started
@@ -248,13 +322,16 @@ async def collect_async(
         result.collected, result.skipped, len(result.failures), result.prompt_tokens, result.completion_tokens,
         result.seconds,
     )  # fmt: skip
+    if len(result.endpoints) > 1:
+        for url, stats in result.endpoints.items():
+            log.info("endpoint %s: %s", url, stats)
     return result
 
 
 def collect(
     items: Iterable[WorkItem],
     settings: TeacherSettings,
-    base_url: str,
+    base_url: str | list[str],
     api_key: str | None,
     stored_ids: set[str],
     sink: Sink,

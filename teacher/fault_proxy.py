@@ -12,7 +12,11 @@ inline JSON) says which requests get which fault:
 passes one through. ``match``: a fault for every POST whose body contains the substring (e.g. one prompt that
 must exhaust the client's retries). Faults: ``429`` (with Retry-After), ``500``, ``503``, ``slow`` (wait
 ``slow_s`` before forwarding, to exceed the client timeout), ``drop`` (close the connection without an answer),
-``malformed`` (the upstream 200 body cut in half), ``nologprobs`` (the upstream 200 with logprobs removed). ``latency_s`` delays every forwarded POST.
+``malformed`` (the upstream 200 body cut in half), ``nologprobs`` (the upstream 200 with logprobs removed),
+``html502`` (a gateway's HTML error page, as nginx sends when its upstream fails). ``latency_s`` delays every
+forwarded POST.
+``"fail_after": N`` gives every POST after the first N the fault ``fail_with`` (default ``"503"``): a replica
+that dies midway.
 
 ``GET /_proxy/stats`` answers the counts and the prompts that were forwarded upstream, so tests can check what
 the teacher was asked. It prints ``fault_proxy listening on http://127.0.0.1:PORT`` once ready.
@@ -27,6 +31,7 @@ import logging
 import signal
 from collections import Counter
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,11 @@ import httpx
 
 log = logging.getLogger("teacher.fault_proxy")
 
-FAULTS = ("", "429", "500", "503", "slow", "drop", "malformed", "nologprobs")
+FAULTS = ("", "429", "500", "503", "slow", "drop", "malformed", "nologprobs", "html502")
+BAD_GATEWAY_PAGE = (
+    b"<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n<center><h1>502 Bad Gateway</h1></center>"
+    b"\r\n<hr><center>nginx/1.24.0</center>\r\n</body>\r\n</html>\r\n"
+)
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "host"}
 
 
@@ -45,13 +54,15 @@ class Plan:
     retry_after_s: float = 1.0
     slow_s: float = 5.0
     latency_s: float = 0.0  # added to every forwarded POST (paces a run, e.g. to kill it midway)
+    fail_after: int | None = None  # POSTs after the first fail_after all get fail_with
+    fail_with: str = "503"
 
     @classmethod
     def load(cls, text: str) -> Plan:
         path = Path(text)
         raw = json.loads(path.read_text(encoding="utf-8") if path.is_file() else text)
         plan = cls(**raw)
-        for fault in [*plan.sequence, *plan.match.values()]:
+        for fault in [*plan.sequence, *plan.match.values(), plan.fail_with]:
             if fault not in FAULTS:
                 raise ValueError(f"plan: unknown fault {fault!r}; expected one of {FAULTS}")
         return plan
@@ -88,6 +99,8 @@ class FaultProxy:
             if needle.encode("utf-8") in request.body:
                 return fault
         index = self.posts - 1
+        if self.plan.fail_after is not None and self.posts > self.plan.fail_after:
+            return self.plan.fail_with
         return self.plan.sequence[index] if index < len(self.plan.sequence) else ""
 
     def stats(self) -> dict[str, Any]:
@@ -127,6 +140,8 @@ class FaultProxy:
                 headers["retry-after"] = str(self.plan.retry_after_s)
             error = {"error": {"message": f"injected {fault}", "type": "fault_proxy", "code": fault}}
             return int(fault), headers, json.dumps(error).encode()
+        if fault == "html502":
+            return 502, {"content-type": "text/html"}, BAD_GATEWAY_PAGE
         if fault == "drop":
             return None
         if fault == "slow":
@@ -181,10 +196,17 @@ async def read_request(reader: asyncio.StreamReader) -> Request | None:
     return Request(method, target, headers, body)
 
 
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
 def write_response(
     writer: asyncio.StreamWriter, status: int, headers: dict[str, str], body: bytes, keep_alive: bool
 ) -> None:
-    lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Fault'}"]
+    lines = [f"HTTP/1.1 {status} {_phrase(status)}"]
     lines += [f"{k}: {v}" for k, v in headers.items()]
     lines += [f"content-length: {len(body)}", f"connection: {'keep-alive' if keep_alive else 'close'}"]
     writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)

@@ -23,9 +23,13 @@ from __future__ import annotations
 import ast
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, overload
+
+import numpy as np
+
+from teacher.dense import RawArray, Scanned, decoded_array, entry_values
 
 SENTINEL_LOGPROB = -9999.0
 Resolve = Callable[[int], bytes]
@@ -53,18 +57,49 @@ class Token:
     logit: float | None = None
 
 
+@dataclass(frozen=True)
+class DenseTopK(Sequence[list[Token]]):
+    """Every position's top-k as arrays: ``ids`` [n, K] (-1: no entry), ``logprobs`` [n, K] float64 (-inf: no
+    entry), each row sorted by decreasing logprob. Indexing gives a row as ``Token`` objects (bytes from
+    ``resolve``), so code written for lists of tokens reads it unchanged."""
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    resolve: Resolve
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @overload
+    def __getitem__(self, index: int) -> list[Token]: ...
+    @overload
+    def __getitem__(self, index: slice) -> DenseTopK: ...
+    def __getitem__(self, index: int | slice) -> list[Token] | DenseTopK:
+        if isinstance(index, slice):
+            return DenseTopK(self.ids[index], self.logprobs[index], self.resolve)
+        return [
+            Token(self.resolve(int(t)), int(t), float(lp))
+            for t, lp in zip(self.ids[index], self.logprobs[index], strict=True)
+            if t >= 0
+        ]
+
+    def __iter__(self) -> Iterator[list[Token]]:
+        return (self[i] for i in range(len(self)))
+
+
 @dataclass
 class Parsed:
     """The teacher's answer for one sample, before teacher-vocab ids are assigned.
 
-    ``tokens[i]`` is the i-th token of ``text``; ``candidates[i]`` its top-k (sorted by decreasing logprob);
+    ``tokens[i]`` is the i-th token of ``text``; ``candidates[i]`` its top-k (sorted by decreasing logprob; a
+    ``DenseTopK`` from the fast parsers of score answers, lists of tokens otherwise);
     ``samples[i]`` its tail samples (the local teacher's ``return_samples``: distinct tokens and their counts),
     None where the position has none; ``samples`` is None when they were not asked for.
     """
 
     text: str
     tokens: list[Token]
-    candidates: list[list[Token]]
+    candidates: list[list[Token]] | DenseTopK
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -125,6 +160,17 @@ def check_logprob(value: float, where: str) -> float:
 
 def _logprob(value: Any, where: str) -> float:
     return check_logprob(_number(value, where), where)
+
+
+def _checked(scanned: Scanned | None) -> Scanned | None:
+    """Scanned entries with their logprobs as ``check_logprob`` stores them; None when one of them is refused
+    (the general path then names it)."""
+    if scanned is None:
+        return None
+    values = scanned.values
+    if not np.all((values <= LOGPROB_TOLERANCE) | (values == -np.inf)):
+        return None
+    return replace(scanned, values=np.minimum(values, 0.0))
 
 
 def _field(obj: Any, key: str, where: str) -> Any:
@@ -220,9 +266,46 @@ def parse_chat(body: Any, k: int, resolve: Resolve | None = None) -> Parsed:
 # ---- legacy completions -------------------------------------------------------------------------------------
 
 
+def _dense_completion_tokens(
+    logprobs: dict, raw: RawArray, k: int, resolve: Resolve | None
+) -> tuple[list[Token], DenseTopK] | None:
+    """``_completion_tokens`` of a token-id echo answer from its undecoded ``top_logprobs`` (None: not that
+    layout; the general path reads it)."""
+    names, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
+    if resolve is None or logprobs.get("top_logits") is not None:
+        return None
+    if not isinstance(names, list) or not isinstance(values, list) or len(names) != len(values):
+        return None
+    scanned = _checked(raw.scanned)
+    if scanned is None or scanned.positions != len(names):
+        return None
+    top = scanned.top(k, SENTINEL_LOGPROB + 0.5)
+    if top is None:
+        return None
+    try:
+        token_ids = [int(name[9:]) if name.startswith("token_id:") else -1 for name in names]
+    except (ValueError, AttributeError):
+        return None
+    if -1 in token_ids or not all(v is None or type(v) in (float, int) for v in values):
+        return None
+    logprobs = np.array([SENTINEL_LOGPROB if v is None else v for v in values], np.float64)
+    if not np.all((logprobs <= LOGPROB_TOLERANCE) | (logprobs == -np.inf)):
+        return None
+    tokens = [
+        Token(resolve(t), t, lp) for t, lp in zip(token_ids, np.minimum(logprobs, 0.0).tolist(), strict=True)
+    ]
+    return tokens, DenseTopK(top[0], top[1], resolve)
+
+
 def _completion_tokens(
     logprobs: dict, k: int, resolve: Resolve | None
-) -> tuple[list[Token], list[list[Token]]]:
+) -> tuple[list[Token], list[list[Token]] | DenseTopK]:
+    raw = logprobs.get("top_logprobs")
+    if isinstance(raw, RawArray):
+        dense = _dense_completion_tokens(logprobs, raw, k, resolve)
+        if dense is not None:
+            return dense
+        logprobs = {**logprobs, "top_logprobs": decoded_array(raw)}
     where = "choices[0].logprobs"
     names = _list(_field(logprobs, "tokens", where), f"{where}.tokens")
     values = _list(_field(logprobs, "token_logprobs", where), f"{where}.token_logprobs")
@@ -397,14 +480,80 @@ def _echoed_ids(choice: dict, n: int) -> list[int] | None:
     names = logprobs.get("tokens") if isinstance(logprobs, dict) else None
     if not isinstance(names, list) or len(names) < n:
         return None
+    try:  # the usual spelling, read at once
+        fast = [int(t[9:]) if t.startswith("token_id:") else None for t in names[:n]]
+        if None not in fast:
+            return fast  # type: ignore[return-value]
+    except (ValueError, AttributeError):
+        pass
     ids = [decode_token_string(t)[1] if isinstance(t, str) else None for t in names[:n]]
     return None if any(i is None for i in ids) else ids
+
+
+def _prompt_ids(body: dict, choice: dict, n: int) -> list[int] | None:
+    """The prompt's token ids, when the answer names them (``prompt_token_ids`` or an id echo)."""
+    ids = choice.get("prompt_token_ids") or body.get("prompt_token_ids") or _echoed_ids(choice, n)
+    if ids is None:
+        return None
+    ids = [int(t) for t in _list(ids, "choices[0].prompt_token_ids")]
+    if len(ids) != n:
+        raise ResponseShapeError(
+            f"choices[0].prompt_token_ids: {len(ids)} ids for {n} prompt_logprobs positions"
+        )
+    return ids
+
+
+def _prompt_parsed(
+    body: dict,
+    prompt: str,
+    ids: list[int],
+    later: list[Token],
+    candidates: Sequence[list[Token]],
+    resolve: Resolve | None,
+) -> Parsed:
+    """The answer from the prompt's ids and tokens after the first: the first token spells what they leave."""
+    prompt_bytes = prompt.encode("utf-8")
+    first_bytes = prompt_bytes[: len(prompt_bytes) - sum(len(t.data or b"") for t in later)]
+    first = Token(first_bytes, ids[0] if ids[0] >= 0 else None, 0.0)
+    if resolve is not None and first.id is not None and resolve(first.id) != first_bytes:
+        raise ResponseShapeError("choices[0].prompt_logprobs: the prompt tokens do not spell the prompt")
+    tokens = [first, *later]
+    if any(t.data is None for t in later) or b"".join(t.data or b"" for t in tokens) != prompt_bytes:
+        raise ResponseShapeError("choices[0].prompt_logprobs: the prompt tokens do not spell the prompt")
+    prompt_tokens, _ = _usage(body)
+    return Parsed(prompt, tokens, candidates, None, prompt_tokens, 0)
+
+
+def _dense_prompt_logprobs(
+    body: dict, choice: dict, raw: RawArray, k: int, prompt: str, resolve: Resolve | None
+) -> Parsed | None:
+    """``parse_prompt_logprobs`` of a token-id answer from its undecoded array (None: not that layout, or the
+    prompt's ids are not named; the general path reads it)."""
+    scanned = _checked(raw.scanned) if resolve is not None else None
+    if scanned is None or not scanned.positions or not scanned.nulls[0] or scanned.nulls[1:].any():
+        return None
+    ids = _prompt_ids(body, choice, scanned.positions)
+    top = scanned.top(k, SENTINEL_LOGPROB + 0.5)
+    if ids is None or top is None or resolve is None:
+        return None
+    wanted = np.array(ids, np.int64)
+    wanted[0] = -1
+    actual = entry_values(scanned.positions, scanned.pos, scanned.ids, scanned.values, wanted)
+    if np.isnan(actual[1:]).any():
+        return None  # a position lacks the prompt token: the general path says which
+    later = [Token(resolve(t), t, lp) for t, lp in zip(ids[1:], actual[1:].tolist(), strict=True)]
+    return _prompt_parsed(body, prompt, ids, later, DenseTopK(top[0], top[1], resolve), resolve)
 
 
 def parse_prompt_logprobs(body: Any, k: int, prompt: str, resolve: Resolve | None = None) -> Parsed:
     """A vLLM completion with ``prompt_logprobs: k`` (score mode): the top-k at every prompt position."""
     choice = _first_choice(body)
     raw = choice.get("prompt_logprobs")
+    if isinstance(raw, RawArray):
+        parsed = _dense_prompt_logprobs(body, choice, raw, k, prompt, resolve)
+        if parsed is not None:
+            return parsed
+        raw = decoded_array(raw)
     if not isinstance(raw, list) or not raw:
         raise ResponseShapeError("choices[0].prompt_logprobs: missing (does the server support it?)")
     if raw[0] is not None:
@@ -419,13 +568,8 @@ def parse_prompt_logprobs(body: Any, k: int, prompt: str, resolve: Resolve | Non
         candidates.append(top)
         by_position.append(by_id)
     prompt_bytes = prompt.encode("utf-8")
-    ids = choice.get("prompt_token_ids") or body.get("prompt_token_ids") or _echoed_ids(choice, len(raw))
+    ids = _prompt_ids(body, choice, len(raw))
     if ids is not None:
-        ids = [int(t) for t in _list(ids, "choices[0].prompt_token_ids")]
-        if len(ids) != len(raw):
-            raise ResponseShapeError(
-                f"choices[0].prompt_token_ids: {len(ids)} ids for {len(raw)} prompt_logprobs positions"
-            )
         missing = [i for i in range(1, len(raw)) if ids[i] not in by_position[i]]
         if missing:
             raise ResponseShapeError(f"choices[0].prompt_logprobs[{missing[0]}]: lacks the prompt token")
@@ -438,15 +582,7 @@ def parse_prompt_logprobs(body: Any, k: int, prompt: str, resolve: Resolve | Non
             )
         ids = [-1, *found]
     later = [by_position[i][ids[i]] for i in range(1, len(raw))]
-    first_bytes = prompt_bytes[: len(prompt_bytes) - sum(len(t.data or b"") for t in later)]
-    first = Token(first_bytes, ids[0] if ids[0] >= 0 else None, 0.0)
-    if resolve is not None and first.id is not None and resolve(first.id) != first_bytes:
-        raise ResponseShapeError("choices[0].prompt_logprobs: the prompt tokens do not spell the prompt")
-    tokens = [first, *later]
-    if any(t.data is None for t in later) or b"".join(t.data or b"" for t in tokens) != prompt_bytes:
-        raise ResponseShapeError("choices[0].prompt_logprobs: the prompt tokens do not spell the prompt")
-    prompt_tokens, _ = _usage(body)
-    return Parsed(prompt, tokens, candidates, None, prompt_tokens, 0)
+    return _prompt_parsed(body, prompt, ids, later, candidates, resolve)
 
 
 # ---- the local teacher's return_samples extension ------------------------------------------------------------

@@ -1,16 +1,60 @@
 """Settings of the teacher side: the API client and collection (`[teacher]`), and the local server (`[local_teacher]`)."""
 
-from typing import Literal
+from typing import Literal, Self
+from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def check_http_url(url: str, where: str) -> str:
+    """``url`` when it is an http(s) URL with a host; else a ValueError naming ``where``."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ValueError(f"{where}: expected an http(s) URL such as http://10.0.0.5:8000/v1, got {url!r}")
+    return url
+
+
+class EndpointSettings(BaseModel):
+    """One teacher replica of several (``teacher.endpoints``); unset limits take the ``teacher.*`` values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(description="OpenAI-compatible base URL of this endpoint (http or https).")
+    concurrency: int | None = Field(
+        None, gt=0, description="Requests in flight at this endpoint (None: teacher.concurrency)."
+    )
+    requests_per_minute: float | None = Field(
+        None, gt=0, description="Request rate limit of this endpoint (None: teacher.requests_per_minute)."
+    )
+    tokens_per_minute: float | None = Field(
+        None, gt=0, description="Token rate limit of this endpoint (None: teacher.tokens_per_minute)."
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return check_http_url(value, "base_url")
 
 
 class TeacherSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    base_url: str = Field(
+    base_url: str | list[str] = Field(
         "local",
-        description="OpenAI-compatible base URL (e.g. https://api.openai.com/v1), or 'local' for the embedded teacher server.",
+        description="OpenAI-compatible base URL (e.g. https://api.openai.com/v1), 'local' for the embedded teacher "
+        "server, or a list of URLs (replicas: requests go where there is free capacity).",
+    )
+    endpoints: list[EndpointSettings] = Field(
+        default_factory=list,
+        description="Teacher replicas with their own concurrency and rate limits (instead of teacher.base_url).",
+    )
+    breaker_failures: int = Field(
+        3,
+        ge=1,
+        description="With several endpoints: consecutive failed requests (after retries) that set one aside.",
+    )
+    breaker_cooldown_s: float = Field(
+        30.0, gt=0, description="How long a failing endpoint is set aside before it is tried again."
     )
     model: str = Field("local-teacher", description="Teacher model name sent in requests.")
     api_key_env: str = Field(
@@ -62,6 +106,19 @@ class TeacherSettings(BaseModel):
         ge=0,
         description="Retries of a failed request (429, 5xx, timeouts, dropped connections, missing logprobs).",
     )
+    context_tokens: int | None = Field(
+        None,
+        gt=1,
+        description="The teacher's context in tokens: a score-mode document the server refuses as longer is "
+        "scored in overlapping windows of at most this size (None: the size the server's refusal states).",
+    )
+    window_overlap: float = Field(
+        0.5,
+        gt=0,
+        le=0.8,
+        description="Share of the context that consecutive score-mode windows overlap: every position after the "
+        "first window is scored with at least this share of the teacher's context before it.",
+    )
     max_failed_fraction: float = Field(
         0.05,
         ge=0,
@@ -75,6 +132,40 @@ class TeacherSettings(BaseModel):
     max_age_days: float | None = Field(
         None, description="Records older than this are stale and re-collected by the refresh flow."
     )
+
+    @model_validator(mode="after")
+    def _endpoints(self) -> Self:
+        """A list ``base_url`` holds distinct http(s) URLs; ``endpoints`` fill ``base_url`` with theirs."""
+        if self.endpoints:
+            urls = [e.base_url for e in self.endpoints]
+            if self.base_url == "local":
+                self.base_url = urls
+            elif self.base_url != urls:
+                raise ValueError("give teacher.endpoints or teacher.base_url, not both")
+        if isinstance(self.base_url, list):
+            if not self.base_url:
+                raise ValueError("teacher.base_url: an empty list (give at least one URL)")
+            for i, url in enumerate(self.base_url):
+                check_http_url(url, f"teacher.base_url[{i}]")
+            if len(set(self.base_url)) != len(self.base_url):
+                raise ValueError("teacher.base_url: the same URL is listed twice")
+        return self
+
+    def endpoint_settings(self, urls: list[str]) -> list[EndpointSettings]:
+        """Each URL's endpoint with every limit filled in: its ``teacher.endpoints`` entry, else the teacher's."""
+        given = {e.base_url: e for e in self.endpoints}
+        out = []
+        for url in urls:
+            entry = given.get(url, EndpointSettings(base_url=url))
+            out.append(
+                EndpointSettings(
+                    base_url=url,
+                    concurrency=entry.concurrency or self.concurrency,
+                    requests_per_minute=entry.requests_per_minute or self.requests_per_minute,
+                    tokens_per_minute=entry.tokens_per_minute or self.tokens_per_minute,
+                )
+            )
+        return out
 
 
 class LocalTeacherSettings(BaseModel):

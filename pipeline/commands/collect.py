@@ -24,8 +24,9 @@ from teacher.secrets import SecretError, install_redaction, resolve_api_key
 log = logging.getLogger("distill.collect")
 
 
-def _is_local(base_url: str) -> bool:
-    return urlparse(base_url).hostname in ("127.0.0.1", "localhost", "::1")
+def _is_local(base_url: str | list[str]) -> bool:
+    urls = [base_url] if isinstance(base_url, str) else base_url
+    return all(urlparse(url).hostname in ("127.0.0.1", "localhost", "::1") for url in urls)
 
 
 def _resolver(config: DistillConfig) -> Resolve | None:
@@ -35,6 +36,12 @@ def _resolver(config: DistillConfig) -> Resolve | None:
     from student.tokenizer import StudentTokenizer
 
     return StudentTokenizer.load(path).token_bytes
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of worker processes, got {text!r}")
+    return int(text)
 
 
 def _collect(args: argparse.Namespace) -> int:
@@ -63,21 +70,42 @@ def _collect(args: argparse.Namespace) -> int:
             items = items[: args.limit]
     except InputError as exc:
         raise UserError(str(exc)) from None
-    try:  # one cheap request before fanning out: an unreachable teacher fails in seconds, not per prompt
-        reachable(base_url, api_key)
-    except TeacherUnreachable as exc:
-        raise UserError(str(exc)) from None
-    data_dir = config.storage.data_dir
-    with Catalog(data_dir) as catalog:
+    unreachable = []  # one cheap request before fanning out: an unreachable teacher fails in seconds
+    for url in [base_url] if isinstance(base_url, str) else base_url:
+        try:
+            reachable(url, api_key)
+        except TeacherUnreachable as exc:
+            unreachable.append(str(exc))
+    if unreachable and len(unreachable) == (1 if isinstance(base_url, str) else len(base_url)):
+        raise UserError("; ".join(unreachable))
+    for problem in unreachable:  # others answer: the collector sets the silent ones aside
+        log.warning("%s", problem)
+    options = config.collect.model_copy(
+        update={k: v for k, v in (("workers", args.workers), ("dask_address", args.dask_address)) if v}
+    )
+    with Catalog.of(config.storage) as catalog:
         stored = catalog.existing_sample_ids(settings.model, request_params(settings))
-        with ShardWriter(data_dir, config.storage, catalog) as writer:
+        if options.workers > 1 or options.dask_address:  # partitions on Dask, shards registered here
+            from pipeline.collect_workers import PartitionError, collect_partitioned
+
+            if settings.tokenizer_path is None and config.tokenizer.path is not None:  # as _resolver: workers
+                settings = settings.model_copy(update={"tokenizer_path": str(config.tokenizer.path)})
             try:
-                result = collect(
-                    items, settings, base_url, api_key, stored, writer, resolve=_resolver(config),
-                    progress=not args.no_progress,
+                result = collect_partitioned(
+                    items, settings, base_url, api_key, stored, catalog, config.storage, options,
+                    log=lambda line: log.info("%s", line),
                 )  # fmt: skip
-            except ValueError as exc:
+            except PartitionError as exc:
                 raise UserError(str(exc)) from None
+        else:
+            with ShardWriter(config.storage.location(), config.storage, catalog) as writer:
+                try:
+                    result = collect(
+                        items, settings, base_url, api_key, stored, writer, resolve=_resolver(config),
+                        progress=not args.no_progress,
+                    )  # fmt: skip
+                except ValueError as exc:
+                    raise UserError(str(exc)) from None
         catalog.record_failures([(f.sample_id, f.reason) for f in result.failures])
     print(
         f"collected {result.collected}, already stored {result.skipped}, failed {len(result.failures)}, "
@@ -85,6 +113,12 @@ def _collect(args: argparse.Namespace) -> int:
         f"{result.completion_tokens} completion tokens in {result.seconds:.1f}s"
     )
     print(result.fragments.render())
+    if len(result.endpoints) > 1:
+        for url, counts in result.endpoints.items():
+            print(
+                f"endpoint {url}: {counts.requests} requests, {counts.tokens} tokens, {counts.failures} failed, "
+                f"set aside {counts.set_aside} time(s)"
+            )
     for failure in result.failures:
         print(f"failed {failure.sample_id}: {failure.reason}")
     return 1 if result.failures else 0
@@ -151,6 +185,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--limit", type=int, default=0, help="Only the first N inputs.")
     parser.add_argument("--no-progress", action="store_true", help="No progress bar.")
+    parser.add_argument(
+        "--workers", type=_positive, default=0, help="Dask worker processes (overrides [collect] workers)."
+    )
+    parser.add_argument(
+        "--dask-address", default="", help="Dask scheduler (overrides [collect] dask_address)."
+    )
     parser.set_defaults(handler=_collect)
 
     imp = sub.add_parser("import", help="Import existing teacher data (OpenAI Batch output, metaseq JSONL).")

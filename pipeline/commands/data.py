@@ -3,38 +3,40 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from pipeline.config import DistillConfig, load_config
 from pipeline.errors import UserError
 from storage.catalog import CATALOG_FILE, Catalog, CatalogLocked
 from storage.records import SPLITS
 from storage.schema import ShardError
+from storage.settings import StorageSettings
 from storage.snapshot import create_snapshot
 
 
-def _data_dir(args: argparse.Namespace) -> Path:
+def _storage(args: argparse.Namespace) -> StorageSettings:
+    """The ``[storage]`` settings: the data (a folder or an s3:// URL) and the local catalog index folder."""
     if args.data_dir:
-        return Path(args.data_dir)
+        return StorageSettings(data_dir=args.data_dir)
     config_path = args.config or args.config_option
     config = load_config(config_path) if config_path else DistillConfig()
-    return config.storage.data_dir
+    return config.storage
 
 
 def _stats(args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
-    if not (data_dir / CATALOG_FILE).is_file():
+    storage = _storage(args)
+    data_dir, index = storage.data_dir, storage.index_dir() / CATALOG_FILE
+    if not index.is_file():
         raise FileNotFoundError(
-            f"{data_dir / CATALOG_FILE}: no catalog here (run `distill data reindex --data-dir {data_dir}`)"
+            f"{index}: no catalog here (run `distill data reindex --data-dir {data_dir}`)"
         )
     note = None
     try:
         try:
-            with Catalog(data_dir, read_only=True) as catalog:
+            with Catalog.of(storage, read_only=True) as catalog:
                 stats = catalog.stats()
         except CatalogLocked:  # a collection holds the catalog: index the shard files in memory instead
             note = "catalog in use by another process (a running collection?): counted from the shard files"
-            with Catalog(data_dir, in_memory=True) as catalog:
+            with Catalog.of(storage, in_memory=True) as catalog:
                 stats = catalog.stats()
     except ShardError as exc:
         raise UserError(str(exc)) from None
@@ -45,9 +47,10 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _reindex(args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
+    storage = _storage(args)
+    data_dir = storage.data_dir
     try:
-        with Catalog(data_dir, sync=False) as catalog:
+        with Catalog.of(storage, sync=False) as catalog:
             count = catalog.reindex(progress=True)
             stats = catalog.stats()
     except ShardError as exc:
@@ -60,9 +63,8 @@ def _reindex(args: argparse.Namespace) -> int:
 
 
 def _snapshot(args: argparse.Namespace) -> int:
-    data_dir = _data_dir(args)
     try:
-        with Catalog(data_dir) as catalog:
+        with Catalog.of(_storage(args)) as catalog:
             snapshot = create_snapshot(
                 catalog,
                 args.name,

@@ -1,15 +1,26 @@
-"""``distill serve``: the Prefect deployments ``distill/default`` and ``refresh/nightly`` in one process."""
+"""``distill serve``: the Prefect deployments ``distill/default`` and ``refresh/nightly`` in one process.
+
+The deployments live in ``flows/``, the layer above ``pipeline/``: this command imports nothing of it (nor of
+Prefect) and replaces itself with that program, ``python -m flows.deployments`` (the same process id, so
+signals reach the server as before), the way the stages start ``torchrun``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+SERVE_MODULE = "flows.deployments"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from flows.deployments import serve_deployments
-
-    serve_deployments(config=args.config, cron=args.cron, timezone=args.timezone)
-    return 0
+    argv = [sys.executable, "-m", SERVE_MODULE, "--config", args.config, "--cron", args.cron]
+    argv += ["--timezone", args.timezone]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 0  # not reached: execv replaces this process
 
 
 def register(sub: argparse._SubParsersAction) -> None:

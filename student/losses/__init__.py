@@ -5,7 +5,10 @@
 - ``sampled_cross_entropy``, ``sampled_targets``: soft CE against unbiased sampled targets, and those targets;
 - ``hard_cross_entropy``: megatron-core's ``vocab_parallel_cross_entropy`` (the hard baseline);
 - ``logit_mse``: MSE against the teacher's raw top-k logits;
-- ``distillation_loss``: what the training loop calls: the configured loss, masks, α mix, and metrics.
+- ``distillation_loss``: what the training loop calls: the configured loss, masks, α mix, and metrics;
+- ``student.losses.fused`` (import it from there: it reads the model's ``PAD_LOGIT``): the output layer and the
+  loss in one Function that never holds the logits, ``fused_distillation_loss(OutputHead(hidden, weight,
+  vocab_size), batch, settings)``, the training default.
 """
 
 from student.losses.distill import METRIC_SUMS, distillation_loss

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -134,14 +135,8 @@ def distillation_loss(
     vocab_part = logits.shape[-1]
     z = logits.reshape(-1, vocab_part)
     flat = _flat_batch(batch, z.shape[0], settings)
-    check_unique_ids(flat["topk_ids"], "distillation_loss: topk_ids")
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    has_loss = flat["loss_mask"] > 0
-    soft_rows = flat["soft_mask"].bool() & has_loss
-    if settings.kind == "sampled":
-        check_unique_ids(flat["sample_ids"], "distillation_loss: sample_ids")
-        soft_rows &= ((flat["sample_ids"] >= 0) & (flat["sample_weights"] > 0)).any(-1)
-    fallback = has_loss & ~soft_rows if settings.no_teacher == "hard" else torch.zeros_like(has_loss)
+    has_loss, soft_rows, fallback = loss_rows(flat, settings)
 
     if settings.kind == "hard":
         out = _teacher_metrics(z, flat, dtype)
@@ -150,47 +145,85 @@ def distillation_loss(
         hard_ce = per_token.detach()
     else:
         contributing = soft_rows | fallback
-        alpha = settings.alpha if settings.kind in ("soft", "sampled") else 0.0
-        hard_w = (1.0 - settings.alpha) * soft_rows.to(dtype) + fallback.to(dtype)
         mse = None
         if settings.kind == "mse":
             mse = logit_mse(z, flat["topk_ids"], flat["topk_logits"], center=settings.mse_center)
-        valid = valid_entries(flat["topk_ids"], flat["topk_logprobs"])
-        logp = masked_logprobs(flat["topk_logprobs"], valid, dtype)
-        extra_ids = extra_w = None
-        if settings.kind == "sampled":
-            soft_w, extra_ids, extra_w = _sampled_columns(flat, valid, dtype)
-            tail_w = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
-        elif settings.tail == "actual_bin":
-            labels = flat["labels"].long()
-            actual, logp, valid = actual_bin_entries(
-                flat["topk_ids"], logp, valid, labels, flat["actual_logprob"]
-            )
-            soft_w, tail_w = tempered_targets(logp, valid, "tail_bucket", settings.temperature)
-            soft_w, extra_w, extra_ids = soft_w[:, :-1], soft_w[:, -1:], actual.unsqueeze(-1)
-        else:
-            soft_w, tail_w = tempered_targets(logp, valid, settings.tail, settings.temperature)
-        row_w = alpha * soft_rows.to(dtype)
         out = topk_cross_entropy(
-            z,
-            flat["topk_ids"],
-            flat["topk_logprobs"],
-            soft_w * row_w.unsqueeze(-1),
-            tail_w * row_w,
-            flat["labels"],
-            hard_w if settings.alpha < 1.0 or settings.no_teacher == "hard" else None,
-            settings.temperature if settings.kind in ("soft", "sampled") else 1.0,
-            inplace=inplace,
-            extra_ids=extra_ids,
-            extra_w=None if extra_w is None else extra_w * row_w.unsqueeze(-1),
+            z, **kernel_targets(flat, settings, soft_rows, fallback, dtype), inplace=inplace
         )
         per_token = out.loss
         if mse is not None:
             per_token = per_token + settings.alpha * soft_rows.to(dtype) * mse
         hard_ce = out.hard_ce
+    return summarize(_masked_sum(per_token, contributing), contributing, soft_rows, hard_ce, out)
 
+
+def loss_rows(
+    flat: dict[str, torch.Tensor], settings: LossSettings
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions with loss, soft positions and fallback positions [N] (docs/losses.md "The distillation loss");
+    checks that the target ids are unique within a row."""
+    check_unique_ids(flat["topk_ids"], "distillation_loss: topk_ids")
+    has_loss = flat["loss_mask"] > 0
+    soft_rows = flat["soft_mask"].bool() & has_loss
+    if settings.kind == "sampled":
+        check_unique_ids(flat["sample_ids"], "distillation_loss: sample_ids")
+        soft_rows &= ((flat["sample_ids"] >= 0) & (flat["sample_weights"] > 0)).any(-1)
+    fallback = has_loss & ~soft_rows if settings.no_teacher == "hard" else torch.zeros_like(has_loss)
+    return has_loss, soft_rows, fallback
+
+
+def kernel_targets(
+    flat: dict[str, torch.Tensor],
+    settings: LossSettings,
+    soft_rows: torch.Tensor,
+    fallback: torch.Tensor,
+    dtype: torch.dtype,
+) -> dict[str, Any]:
+    """The keyword arguments of ``topk_cross_entropy`` but the logits, row-weighted, for kind soft / sampled /
+    mse (the MSE itself is added outside)."""
+    alpha = settings.alpha if settings.kind in ("soft", "sampled") else 0.0
+    hard_w = (1.0 - settings.alpha) * soft_rows.to(dtype) + fallback.to(dtype)
+    valid = valid_entries(flat["topk_ids"], flat["topk_logprobs"])
+    logp = masked_logprobs(flat["topk_logprobs"], valid, dtype)
+    extra_ids = extra_w = None
+    if settings.kind == "sampled":
+        soft_w, extra_ids, extra_w = _sampled_columns(flat, valid, dtype)
+        tail_w = torch.zeros(soft_rows.shape[0], dtype=dtype, device=soft_rows.device)
+    elif settings.tail == "actual_bin":
+        labels = flat["labels"].long()
+        actual, logp, valid = actual_bin_entries(
+            flat["topk_ids"], logp, valid, labels, flat["actual_logprob"]
+        )
+        soft_w, tail_w = tempered_targets(logp, valid, "tail_bucket", settings.temperature)
+        soft_w, extra_w, extra_ids = soft_w[:, :-1], soft_w[:, -1:], actual.unsqueeze(-1)
+    else:
+        soft_w, tail_w = tempered_targets(logp, valid, settings.tail, settings.temperature)
+    row_w = alpha * soft_rows.to(dtype)
+    return {
+        "topk_ids": flat["topk_ids"],
+        "topk_logprobs": flat["topk_logprobs"],
+        "soft_w": soft_w * row_w.unsqueeze(-1),
+        "tail_w": tail_w * row_w,
+        "labels": flat["labels"],
+        "hard_w": hard_w if settings.alpha < 1.0 or settings.no_teacher == "hard" else None,
+        "temperature": settings.temperature if settings.kind in ("soft", "sampled") else 1.0,
+        "extra_ids": extra_ids,
+        "extra_w": None if extra_w is None else extra_w * row_w.unsqueeze(-1),
+    }
+
+
+def summarize(
+    loss_sum: torch.Tensor,
+    contributing: torch.Tensor,
+    soft_rows: torch.Tensor,
+    hard_ce: torch.Tensor,
+    out: TopKOutputs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The mean loss over contributing tokens from its sum, and the metrics dict of ``distillation_loss``."""
+    dtype = loss_sum.dtype
     tokens = contributing.to(dtype).sum()
-    loss = _masked_sum(per_token, contributing) / tokens.clamp(min=1.0)
+    loss = loss_sum / tokens.clamp(min=1.0)
     sums = {
         "tokens": tokens,
         "soft_tokens": soft_rows.to(dtype).sum(),

@@ -18,8 +18,8 @@ TAILS = ("none", "renormalize", "tail_bucket")
 
 @pytest.mark.parametrize("tail", TAILS)
 @pytest.mark.parametrize("tau", [1.0, 0.6, 3.0])
-def test_soft_ce_gradcheck(tail, tau):
-    z, b = make_batch(seed=11, rows=5, vocab=10, k=4)
+def test_soft_ce_gradcheck(tail, tau, device):
+    z, b = make_batch(seed=11, rows=5, vocab=10, k=4, device=device)
     assert torch.autograd.gradcheck(
         lambda x: soft_cross_entropy(
             x, b["topk_ids"], b["topk_logprobs"], tail=tail, temperature=tau, inplace=False
@@ -29,8 +29,8 @@ def test_soft_ce_gradcheck(tail, tau):
 
 
 @pytest.mark.parametrize("center", [True, False])
-def test_logit_mse_gradcheck(center):
-    z, b = make_batch(seed=12, rows=5, vocab=10, k=4)
+def test_logit_mse_gradcheck(center, device):
+    z, b = make_batch(seed=12, rows=5, vocab=10, k=4, device=device)
     assert torch.autograd.gradcheck(
         lambda x: logit_mse(x, b["topk_ids"], b["topk_logits"], center=center), (z.requires_grad_(),)
     )
@@ -83,8 +83,8 @@ def test_leading_dims_are_flattened_and_restored():
     assert torch.equal(shaped.reshape(-1), flat)
 
 
-def test_bfloat16_logits_give_bfloat16_gradients_close_to_reference():
-    z, b = make_batch(seed=15)
+def test_bfloat16_logits_give_bfloat16_gradients_close_to_reference(device):
+    z, b = make_batch(seed=15, device=device)
     x = z.to(torch.bfloat16).requires_grad_()
     ours = soft_cross_entropy(x, b["topk_ids"], b["topk_logprobs"].float(), tail="tail_bucket")
     assert ours.dtype == torch.float32
@@ -97,8 +97,8 @@ def test_bfloat16_logits_give_bfloat16_gradients_close_to_reference():
     assert rel_err(x.grad, full.grad) < 1e-2  # bf16 rounding of the gradient
 
 
-def test_inplace_overwrites_float32_logits_and_inplace_false_keeps_them():
-    z, b = make_batch(seed=16)
+def test_inplace_overwrites_float32_logits_and_inplace_false_keeps_them(device):
+    z, b = make_batch(seed=16, device=device)
     kept = z.float()
     before = kept.clone()
     soft_cross_entropy(kept, b["topk_ids"], b["topk_logprobs"], inplace=False)
@@ -107,9 +107,9 @@ def test_inplace_overwrites_float32_logits_and_inplace_false_keeps_them():
     assert not torch.equal(kept, before)  # megatron-core style: the logits are the working buffer
 
 
-def test_soft_ce_is_kl_plus_teacher_entropy():
+def test_soft_ce_is_kl_plus_teacher_entropy(device):
     """With tail_bucket at τ = 1 the soft CE is the cross-entropy over the k+1 bins = KL + H(teacher)."""
-    z, b = make_batch(seed=17)
+    z, b = make_batch(seed=17, device=device)
     settings = LossSettings(kind="soft", tail="tail_bucket", alpha=1.0, temperature=1.0, no_teacher="mask")
     loss, metrics = distillation_loss(z.clone(), b, settings)
     assert float(metrics["soft_tokens"]) == float(metrics["tokens"]) > 0
@@ -119,8 +119,8 @@ def test_soft_ce_is_kl_plus_teacher_entropy():
 
 
 @pytest.mark.parametrize("kind", ["soft", "mse"])  # "hard" needs megatron-core's TP state: test_losses_tp
-def test_padding_and_masked_positions_never_contribute(kind: str):
-    z, b = make_batch(seed=18)
+def test_padding_and_masked_positions_never_contribute(kind: str, device):
+    z, b = make_batch(seed=18, device=device)
     settings = LossSettings(kind=kind, tail="tail_bucket", alpha=0.5, temperature=2.0, no_teacher="mask")
     outside = ~(b["soft_mask"] & (b["loss_mask"] > 0))
     assert outside.any()
@@ -134,7 +134,7 @@ def test_padding_and_masked_positions_never_contribute(kind: str):
         noise = torch.randn(
             garbage[outside].shape, generator=torch.Generator().manual_seed(seed), dtype=z.dtype
         )
-        garbage[outside] = 1e4 * noise
+        garbage[outside] = 1e4 * noise.to(device)
         y = garbage.requires_grad_()
         loss2, metrics2 = distillation_loss(y.clone(), noisy, settings)
         loss2.backward()
@@ -146,8 +146,8 @@ def test_padding_and_masked_positions_never_contribute(kind: str):
     assert abs(loss.item() - float(ref_distill(z, b, settings.model_dump())[0])) < 1e-12
 
 
-def test_no_contributing_token_gives_zero_loss_not_nan():
-    z, b = make_batch(seed=19)
+def test_no_contributing_token_gives_zero_loss_not_nan(device):
+    z, b = make_batch(seed=19, device=device)
     b = dict(b, loss_mask=torch.zeros_like(b["loss_mask"]))
     x = z.clone().requires_grad_()
     loss, metrics = distillation_loss(x.clone(), b, LossSettings())
@@ -214,10 +214,10 @@ def _underflow_batch(tau: float):
 
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])
-def test_tail_bucket_stays_finite_and_exact_when_the_student_tail_underflows(tau):
+def test_tail_bucket_stays_finite_and_exact_when_the_student_tail_underflows(tau, device):
     """Guards: the tail sum Σ_{v∉K} exp(z_v − max) underflowed to 0 in float32 (tail log-mass below about
     −104τ), so log R = −inf: the loss was inf, the gradient all NaN and the k+1-bin KL inf."""
-    z64, ids, logp = _underflow_batch(tau)
+    z64, ids, logp = (t.to(device) for t in _underflow_batch(tau))
     full = z64.clone().requires_grad_()
     ref = ref_soft(full, ids, logp, "tail_bucket", tau)
     ref.sum().backward()
@@ -232,9 +232,9 @@ def test_tail_bucket_stays_finite_and_exact_when_the_student_tail_underflows(tau
     assert rel_err(soft_cross_entropy(bf16, ids, logp.float(), temperature=tau), ref) < 1e-6
 
     batch = {
-        "labels": torch.tensor([0, 1]),
-        "loss_mask": torch.ones(2),
-        "soft_mask": torch.ones(2, dtype=torch.bool),
+        "labels": torch.tensor([0, 1], device=device),
+        "loss_mask": torch.ones(2, device=device),
+        "soft_mask": torch.ones(2, dtype=torch.bool, device=device),
         "topk_ids": ids,
         "topk_logprobs": logp.float(),
     }

@@ -25,6 +25,15 @@ def test_quick_benchmark_writes_every_key(tmp_path):
             figures = entry["variants"][variant]
             # every variant's peak covers at least the logits it created, and it was timed
             assert figures["peak_bytes"] >= entry["logits_bytes"] * 0.9 and figures["time_s"] > 0
+        for key in (
+            "fused_mem_ratio_vs_hard_head",
+            "fused_time_ratio_vs_hard_head",
+            "fused_time_ratio_vs_ours_head",
+        ):
+            assert entry[key] > 0, (vocab, key, entry[key])
+        assert all(
+            entry["head_variants"][v]["peak_bytes"] > 0 for v in ("head_fused", "head_ours", "head_hard")
+        )
     assert "ours/hard time" in proc.stdout and all(
         "targets_met" in results[v]["cpu"] for v in ("v32k", "v128k")
     )

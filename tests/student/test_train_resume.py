@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from tests.student.worker_model_corpus import prepare_snapshot, read_metrics, write_spec
 from tests.support import PYTHON, ROOT, free_port, run_bounded, test_env, torchrun
@@ -159,3 +160,14 @@ def test_bad_spec_is_a_clear_error(tmp_path):
     assert f"{spec}: field 'model.hidden_size': Input should be greater than 0" in proc.stdout
     assert f"{spec}: field 'train_data': Field required" in proc.stdout
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bf16 parameters are refused only without CUDA")
+def test_bf16_without_cuda_is_a_clear_error(data, tmp_path):
+    """bf16 parameters need megatron-core's mixed-precision optimizer, which runs on CUDA only (student.optim)."""
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "spec.json", data, out, TRAIN | {"precision": "bf16"}, LOSS, MODEL)
+    proc = run_bounded([PYTHON, "-m", "student.train", str(spec)], timeout=120)
+    assert proc.returncode == 2, proc.stdout[-4000:]
+    assert f"{spec}: field 'train.precision': train.precision = 'bf16' needs CUDA" in proc.stdout
+    assert not (out / "metrics.jsonl").exists()

@@ -10,10 +10,12 @@ forward values and of the input gradient over all ranks.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,29 @@ SENTINEL = -9999.0
 
 
 # ---------------------------------------------------------------- references (dense, float64, per row) ----------
+def _on_cpu(fn: Callable) -> Callable:
+    """Run a reference on the CPU (its row loops build CPU tensors) whatever its inputs' device, and hand the
+    results back on that device; ``.cpu()`` / ``.to()`` are differentiable, so gradients reach the inputs."""
+
+    def move(value: Any, device: torch.device) -> Any:
+        if isinstance(value, torch.Tensor):
+            return value.to(device)
+        if isinstance(value, dict):
+            return {key: move(item, device) for key, item in value.items()}
+        if isinstance(value, tuple):
+            return tuple(move(item, device) for item in value)
+        return value
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        cpu = torch.device("cpu")
+        result = fn(*move(args, cpu), **move(kwargs, cpu))
+        return move(result, device)
+
+    return wrapper
+
+
 def _row_teacher(ids: torch.Tensor, logp: torch.Tensor) -> tuple[list[int], torch.Tensor, float]:
     keep = [
         j for j in range(len(ids)) if ids[j] >= 0 and math.isfinite(float(logp[j])) and logp[j] > SENTINEL
@@ -41,6 +66,7 @@ def _log_tail(logq: torch.Tensor, ids: list[int]) -> torch.Tensor:
     return torch.logsumexp(logq[others], dim=0)
 
 
+@_on_cpu
 def ref_soft(
     z: torch.Tensor,
     ids: torch.Tensor,
@@ -104,6 +130,7 @@ def ref_mse(z: torch.Tensor, ids: torch.Tensor, teacher_logits: torch.Tensor, ce
     return torch.stack(rows)
 
 
+@_on_cpu
 def ref_metrics(z: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor) -> dict[str, torch.Tensor]:
     """KL(teacher‖student) and teacher entropy over the k+1 bins, top-1 agreement, at τ = 1."""
     kl, ent, agree = [], [], []
@@ -127,6 +154,7 @@ def ref_metrics(z: torch.Tensor, ids: torch.Tensor, logp: torch.Tensor) -> dict[
     }
 
 
+@_on_cpu
 def ref_distill(
     z: torch.Tensor, batch: dict[str, torch.Tensor], s: dict
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -170,8 +198,11 @@ def ref_distill(
 
 
 # ---------------------------------------------------------------- data -------------------------------------------
-def make_batch(seed: int = 0, rows: int = N, vocab: int = VOCAB, k: int = K) -> tuple[torch.Tensor, dict]:
-    """Random student logits and a teacher top-k with W < 1, a varying k (-1 / -inf pads) and masks."""
+def make_batch(
+    seed: int = 0, rows: int = N, vocab: int = VOCAB, k: int = K, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, dict]:
+    """Random student logits and a teacher top-k with W < 1, a varying k (-1 / -inf pads) and masks; drawn
+    on the CPU (the same numbers everywhere), then moved to ``device``."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 2.0
     teacher = torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 3.0
@@ -215,7 +246,7 @@ def make_batch(seed: int = 0, rows: int = N, vocab: int = VOCAB, k: int = K) -> 
         "sample_ids": sample_ids,
         "sample_weights": sample_weights.double(),
     }
-    return z, batch
+    return z.to(device), {key: value.to(device) for key, value in batch.items()}
 
 
 def draw_sampled_targets(

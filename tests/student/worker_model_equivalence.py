@@ -24,9 +24,9 @@ from student.batches import TokenBatches, TokenCorpus
 from student.checkpoint import load_checkpoint, save_checkpoint
 from student.distributed import dp_group, init_distributed, seed_everything, teardown
 from student.model import build_model, forward_logits
-from student.schedule import make_scheduler
+from student.optim import make_train_optimizer
 from student.settings import LossSettings, ModelSettings, TrainSettings
-from student.train import make_optimizer, train_step
+from student.train import train_step
 
 SEED = 4321
 VOCAB = 500  # padded to 512 at TP=1 (multiple of 128) and at TP=2 (multiple of 256)
@@ -143,9 +143,8 @@ def main() -> None:
         rows = global_rows(env.dp_rank, env.dp, args.micro, args.accum)
         result: dict[str, object] = {"logits_before": full_logits(model, batch, rows, env.dp)}
         result["packing_error"] = packing_error(model)
-        optimizer = make_optimizer(model, settings)
-        scheduler = make_scheduler(optimizer, settings)
-        result["step"] = train_step(model, optimizer, scheduler, micro, settings, LOSS, env)
+        optimizer = make_train_optimizer(model, settings, env)
+        result["step"] = train_step(model, optimizer, micro, settings, LOSS, env)
         result["logits_after"] = full_logits(model, batch, rows, env.dp)
         if args.save:
             save_checkpoint(args.save, model, MODEL, step=1)

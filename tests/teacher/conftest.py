@@ -59,16 +59,22 @@ class Teacher:
         return self.server.base_url.removesuffix("/v1")
 
 
+# The teacher's seeded random model (a second server started from it answers identically).
+TEACHER_MODEL = ModelSettings(
+    num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=256
+)
+TEACHER_SEED = 7
+
+
 @pytest.fixture(scope="session")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Teacher]:
     folder = tmp_path_factory.mktemp("teacher")
     tokenizer = StudentTokenizer.train(CORPUS * 20, vocab_size=290)
     path = tokenizer.save(folder / "tokenizer.json")
-    model = ModelSettings(
-        num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, seq_length=256
-    )
     settings = LocalTeacherSettings(api_key=PLANTED_KEY, max_batch_size=8, batch_wait_ms=2)
-    with local_teacher_server(settings, random_init=model, tokenizer=path, seed=7) as server:
+    with local_teacher_server(
+        settings, random_init=TEACHER_MODEL, tokenizer=path, seed=TEACHER_SEED
+    ) as server:
         yield Teacher(server, tokenizer, path)
 
 

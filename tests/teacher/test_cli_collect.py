@@ -3,11 +3,14 @@ and does not ask the teacher again for what was stored; the planted API key appe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -75,6 +78,38 @@ def collect_reference(config: Path, teacher: Teacher, data_dir: Path) -> list[To
 
 def key_env() -> dict[str, str]:
     return test_env(OPENAI_API_KEY=PLANTED_KEY)
+
+
+def interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool]) -> str:
+    """SIGINT to ``proc``'s group once ``ready()`` (polled), then its output; the process must still run."""
+    try:
+        deadline = time.monotonic() + 120
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, (
+            f"the collector ended before it could be interrupted: {proc.stdout.read()}"
+        )
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        return out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def start_collect(config: Path, base_url: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        distill_collect(config, base_url), env=key_env(), start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+
+
+def assert_interrupted(proc: subprocess.Popen, out: str, data_dir: Path) -> None:
+    assert proc.returncode == 130, out[-3000:]
+    assert "interrupted" in out and "Traceback" not in out, out[-3000:]
+    assert not [p for p in data_dir.rglob("*") if p.name.endswith(TMP_SUFFIX)], "a half-written file was left"
+    assert not list(shard_dir(data_dir).glob("*.parquet")), "nothing was answered, yet a shard was stored"
 
 
 def test_sigkill_then_rerun_gives_the_fault_free_dataset(teacher: Teacher, tmp_path: Path) -> None:
@@ -174,21 +209,8 @@ def test_ctrl_c_stops_collect_and_keeps_what_was_stored(teacher: Teacher, tmp_pa
     config = write_setup(tmp_path, teacher, ITEMS)
     shards = shard_dir(tmp_path / "data")
     with fault_proxy(teacher.origin, {"latency_s": 0.3}) as proxy:
-        proc = subprocess.Popen(
-            distill_collect(config, proxy.base_url), env=key_env(), start_new_session=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 120
-            while not list(shards.glob("*.parquet")) and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert proc.poll() is None, "the collector finished before it could be interrupted"
-            os.killpg(proc.pid, signal.SIGINT)
-            out, _ = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        proc = start_collect(config, proxy.base_url)
+        out = interrupt_when(proc, lambda: bool(list(shards.glob("*.parquet"))))
     assert proc.returncode == 130, out[-3000:]
     assert "interrupted" in out and "Traceback" not in out, out[-3000:]
     assert PLANTED_KEY not in out
@@ -201,3 +223,32 @@ def test_ctrl_c_stops_collect_and_keeps_what_was_stored(teacher: Teacher, tmp_pa
     assert rerun.returncode == 0, rerun.stdout
     assert sorted(asked_again) == sorted(set(ITEMS) - {r.text for r in before})
     assert len(stored_records(tmp_path / "data")) == len(ITEMS)
+
+
+def test_ctrl_c_while_connecting_exits_130_without_traceback(teacher: Teacher, tmp_path: Path) -> None:
+    """Start-up: the teacher's address accepts the connection but never answers (the probe before fanning out
+    is waiting); Ctrl-C then ends the collector with 130 and no traceback."""
+    config = write_setup(tmp_path, teacher, ITEMS)
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, accepts, never answers
+        silent.settimeout(0.05)
+        accepted: list[socket.socket] = []
+
+        def connected() -> bool:
+            with contextlib.suppress(TimeoutError):
+                accepted.append(silent.accept()[0])
+            return bool(accepted)
+
+        proc = start_collect(config, f"http://127.0.0.1:{silent.getsockname()[1]}/v1")
+        out = interrupt_when(proc, connected)
+        for conn in accepted:
+            conn.close()
+    assert_interrupted(proc, out, tmp_path / "data")
+
+
+def test_ctrl_c_before_the_first_answer_exits_130_without_traceback(teacher: Teacher, tmp_path: Path) -> None:
+    """The first requests are in flight (held by the proxy) when Ctrl-C comes: 130, no traceback, no file."""
+    config = write_setup(tmp_path, teacher, ITEMS)
+    with fault_proxy(teacher.origin, {"latency_s": 60}) as proxy:
+        proc = start_collect(config, proxy.base_url)
+        out = interrupt_when(proc, lambda: proxy.stats()["posts"] >= 2)
+    assert_interrupted(proc, out, tmp_path / "data")

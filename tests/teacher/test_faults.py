@@ -74,3 +74,27 @@ def test_exhausted_retries_are_listed_with_reasons(teacher: Teacher, tmp_path: P
         stored_failures = {key: reason for key, reason, _ in catalog.failures()}
     assert stored_failures == {f.sample_id: f.reason for f in result.failures}
     assert len(stored_records(tmp_path)) == 3
+
+
+def test_html_502_pages_from_a_gateway_are_retried_and_named(teacher: Teacher, tmp_path: Path) -> None:
+    """A proxy's HTML "502 Bad Gateway" page is retried like any 5xx; one that never stops is reported with the
+    URL and the page's own words, not as a JSON decoding error."""
+    items = [WorkItem(prompt=p) for p in PROMPTS[:4]]
+    clean = collect_into(tmp_path / "clean", teacher, teacher.base_url, items)
+    assert not clean.failures
+    poison = WorkItem(prompt="XPOISON behind a broken gateway")
+    # the first two POSTs are the first tries of items 0 and 1 (the poisoned item is asked last)
+    plan = {"sequence": ["html502", "html502"], "match": {"XPOISON": "html502"}}
+    with fault_proxy(teacher.origin, plan) as proxy:
+        result = collect_into(tmp_path / "faulty", teacher, proxy.base_url, [*items, poison], max_retries=2)
+        stats = proxy.stats()
+    assert stats["faults"] == {"html502": 2 + 3}, (
+        stats
+    )  # two retried, then the poisoned one: 1 try + 2 retries
+    assert result.collected == len(items)
+    (failure,) = result.failures
+    assert failure.prompt == poison.prompt
+    assert f"{proxy.base_url}/completions" in failure.reason and "502 Bad Gateway" in failure.reason
+    assert "text/html" in failure.reason  # the page itself, quoted
+    assert "JSON" not in failure.reason and "Traceback" not in failure.reason, failure.reason
+    assert_same_dataset(stored_records(tmp_path / "clean"), stored_records(tmp_path / "faulty"))

@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
 from storage.records import TeacherVocab
 from teacher.client import body_problem, request_params
 from teacher.collect import build_record
+from teacher.dense import decode_body
 from teacher.parsing import (
+    DenseTopK,
+    Parsed,
     ResponseShapeError,
     decode_token_string,
     parse_chat,
@@ -21,6 +28,7 @@ from teacher.parsing import (
     parse_prompt_logprobs,
 )
 from teacher.settings import TeacherSettings
+from tests.teacher.conftest import PLANTED_KEY, PROMPTS, Teacher
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -129,3 +137,186 @@ def test_unusable_200_bodies_are_named(body: bytes, problem: str) -> None:
     request = json.dumps({"model": "m", "prompt": "p", "logprobs": 2}).encode()
     assert problem in body_problem(request, body)
     assert body_problem(request, json.dumps(load("openai_completions_generate.json")).encode()) is None
+
+
+# ---- the fast path of score answers (teacher.dense) against the general path --------------------------------
+
+SPLIT_VOCAB = [
+    b"a",
+    b"b",
+    b" the",
+    b"\xe2\x98",
+    b"\x95",
+    b"\xc3",
+    b"\xa9",
+    b"x",
+    b"!",
+    b"caf",
+    b" \xf0\x9f\x99",
+    b"\x82",
+]
+
+
+def _synthetic(shape: str, seed: int, ranks: bool = True) -> tuple[dict, str]:
+    """A token-id score answer over ``SPLIT_VOCAB`` (split characters, ties, the sentinel, ranks beyond k, a
+    logprob a hair above 0), as a dict, and its prompt."""
+    rng = np.random.default_rng(seed)
+    words = [[0], [2], [3, 4], [5, 6], [7], [8], [9, 5, 6], [10, 11]]  # whole characters
+    ids = [t for w in rng.integers(0, len(words), 40) for t in words[w]]
+    prompt = b"".join(SPLIT_VOCAB[t] for t in ids).decode("utf-8")
+    positions = []
+    for i, actual in enumerate(ids):
+        if i == 0:
+            positions.append(None)
+            continue
+        others = [int(t) for t in rng.permutation(len(SPLIT_VOCAB)) if t != actual][:5]
+        values = [float(v) for v in np.round(-rng.exponential(2.0, 6), 1)]  # rounded: ties
+        values[int(rng.integers(6))] = -9999.0 if i % 7 == 0 else values[0]
+        if i % 11 == 0:
+            values[0] = 5e-5  # rounding above 0: stored as 0
+        positions.append(list(zip([actual, *others], values, strict=True)))
+    offsets = [
+        len(b"".join(SPLIT_VOCAB[t] for t in ids[:i]).decode("utf-8", "ignore")) for i in range(len(ids))
+    ]
+    names = [f"token_id:{t}" for t in ids]
+    usage = {"prompt_tokens": len(ids), "completion_tokens": 1}
+    if shape == "echo":
+        top = [None] + [{f"token_id:{t}": v for t, v in p} for p in positions[1:]] + [{"token_id:7": -0.5}]
+        logprobs = {
+            "tokens": [*names, "token_id:7"],
+            "token_logprobs": [None] + [dict(p)[ids[i + 1]] for i, p in enumerate(positions[1:])] + [-0.5],
+            "top_logprobs": top,
+            "text_offset": [*offsets, len(prompt)],
+        }
+        return {"choices": [{"text": prompt + "x", "logprobs": logprobs}], "usage": usage}, prompt
+    vllm = [None] + [
+        {str(t): {"logprob": v, **({"rank": r} if ranks else {}), "decoded_token": f"token_id:{t}"}
+         for r, (t, v) in enumerate(p, start=1 if i % 3 else 3)}
+        for i, p in enumerate(positions[1:])
+    ]  # fmt: skip
+    echo = {"tokens": [*names, "token_id:7"], "token_logprobs": [None] * (len(ids) + 1)}
+    return {
+        "choices": [{"text": prompt + "x", "logprobs": echo, "prompt_logprobs": vllm}],
+        "usage": usage,
+    }, prompt
+
+
+def _parse(body: Any, shape: str, prompt: str, k: int) -> Parsed:
+    resolve = SPLIT_VOCAB.__getitem__
+    if shape == "echo":
+        return parse_completion(body, k, prompt, resolve)
+    return parse_prompt_logprobs(body, k, prompt, resolve)
+
+
+def _assert_same_record(fast: Parsed, general: Parsed, prompt: str) -> None:
+    a = build_record(fast, prompt, "train", "m", "score", {}, TeacherVocab())
+    b = build_record(general, prompt, "train", "m", "score", {}, TeacherVocab())
+    for name in ("tokens", "topk_ids", "topk_logprobs", "token_logprobs"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert a.sample_id == b.sample_id and a.text == b.text
+
+
+LAYOUTS = {
+    "default": {},
+    "compact": {"separators": (",", ":")},
+    "indented": {"indent": 1},
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape", ["prompt_logprobs", "echo"])
+@pytest.mark.parametrize("k", [1, 3, 20])
+def test_fast_score_parsers_store_what_the_general_ones_store(shape: str, layout: str, k: int) -> None:
+    for seed in range(3):
+        body, prompt = _synthetic(shape, seed)
+        raw = json.dumps(body, **LAYOUTS[layout]).encode()
+        fast = _parse(decode_body(raw), shape, prompt, k)
+        assert isinstance(fast.candidates, DenseTopK)  # the fast path was taken
+        general = _parse(json.loads(raw), shape, prompt, k)
+        assert not isinstance(general.candidates, DenseTopK)
+        assert [(t.data, t.id, t.logprob) for t in fast.tokens] == [
+            (t.data, t.id, t.logprob) for t in general.tokens
+        ]
+        assert list(fast.candidates) == list(general.candidates)
+        _assert_same_record(fast, general, prompt)
+
+
+def _variants() -> list[tuple[str, str, Callable[[bytes], bytes]]]:
+    """Layouts the scanners do not read (the general path does), and bodies both paths refuse."""
+    return [
+        ("prompt_logprobs", "no ranks", lambda b: b),
+        ("prompt_logprobs", "token strings", lambda b: b.replace(b'"token_id:2"', b'" the"', 1)),
+        (
+            "prompt_logprobs",
+            "an extra key",
+            lambda b: b.replace(b'"rank"', b'"extra": [1, {"a": "]"}], "rank"', 1),
+        ),
+        ("prompt_logprobs", "logits", lambda b: b.replace(b'"rank"', b'"logit": 1.5, "rank"', 1)),
+        (
+            "prompt_logprobs",
+            "a duplicate key",
+            lambda b: re.sub(
+                rb'\[null, \{("\d+"): \{', rb'[null, {\1: {"logprob": -0.25}, \1: {', b, count=1
+            ),
+        ),
+        (
+            "prompt_logprobs",
+            "-Infinity",
+            lambda b: b.replace(b'"logprob": -', b'"logprob": -Infinity, "x": -', 1),
+        ),
+        ("echo", "token strings", lambda b: b.replace(b'{"token_id:2"', b'{"token_id:2": -8.5, " the"', 1)),
+        (
+            "echo",
+            "an escaped key",
+            lambda b: b.replace(b'"token_id:7": -0.5', b'"token_id:\\u0037": -0.5', 1),
+        ),
+        ("echo", "a positive logprob", lambda b: b.replace(b'"token_id:7": -0.5', b'"token_id:7": 0.5', 1)),
+        ("echo", "NaN", lambda b: b.replace(b'"token_id:7": -0.5', b'"token_id:7": NaN', 1)),
+    ]
+
+
+@pytest.mark.parametrize(("shape", "what", "edit"), _variants(), ids=[v[1] + "-" + v[0] for v in _variants()])
+def test_other_layouts_take_the_general_path_with_the_same_outcome(
+    shape: str, what: str, edit: Callable[[bytes], bytes]
+) -> None:
+    body, prompt = _synthetic(shape, 5, ranks=what != "no ranks")
+    raw = edit(json.dumps(body).encode())
+    assert raw != json.dumps(body).encode() or what == "no ranks"
+    try:
+        expected = _parse(json.loads(raw), shape, prompt, 3)
+    except (ResponseShapeError, ValueError) as exc:
+        with pytest.raises(type(exc), match=re.escape(str(exc))):
+            _parse(decode_body(raw), shape, prompt, 3)
+        return
+    fast = _parse(decode_body(raw), shape, prompt, 3)
+    assert list(fast.candidates) == list(expected.candidates)
+    _assert_same_record(fast, expected, prompt)
+
+
+def test_bodies_cut_short_or_without_logprobs_are_named() -> None:
+    body, _ = _synthetic("prompt_logprobs", 1)
+    raw = json.dumps(body).encode()
+    asked = json.dumps({"prompt_logprobs": 3, "logprobs": 0}).encode()
+    assert body_problem(asked, raw) is None
+    assert body_problem(asked, raw[: len(raw) // 2]) == "a body that is not valid JSON"
+    del body["choices"][0]["prompt_logprobs"]
+    assert body_problem(asked, json.dumps(body).encode()) == "no prompt_logprobs although they were asked for"
+
+
+@pytest.mark.parametrize("score_api", ["prompt_logprobs", "echo"])
+def test_real_server_answers_parse_the_same_on_both_paths(teacher: Teacher, score_api: str) -> None:
+    """The local teacher's answers (its tokenizer splits characters): fast and general paths agree."""
+    resolve = teacher.tokenizer.token_bytes
+    headers = {"Authorization": f"Bearer {PLANTED_KEY}"}
+    for prompt in PROMPTS:
+        request = {"model": "local-teacher", "prompt": prompt, "echo": True, "max_tokens": 1, "temperature": 0.0,
+                   "return_tokens_as_token_ids": True}  # fmt: skip
+        request.update(
+            {"logprobs": 0, "prompt_logprobs": 5} if score_api == "prompt_logprobs" else {"logprobs": 5}
+        )
+        raw = httpx.post(teacher.base_url + "/completions", json=request, headers=headers, timeout=60).content
+        parse = parse_prompt_logprobs if score_api == "prompt_logprobs" else parse_completion
+        fast = parse(decode_body(raw), 5, prompt, resolve)
+        assert isinstance(fast.candidates, DenseTopK)
+        general = parse(json.loads(raw), 5, prompt, resolve)
+        _assert_same_record(fast, general, prompt)
