@@ -208,7 +208,8 @@ def test_ctrl_c_stops_collect_and_keeps_what_was_stored(teacher: Teacher, tmp_pa
     the shards written so far stay complete and listed, and a re-run asks only for the rest."""
     config = write_setup(tmp_path, teacher, ITEMS)
     shards = shard_dir(tmp_path / "data")
-    with fault_proxy(teacher.origin, {"latency_s": 0.3}) as proxy:
+    # 1 s per answer: seconds of collection remain after the first shard, even on a loaded machine
+    with fault_proxy(teacher.origin, {"latency_s": 1.0}) as proxy:
         proc = start_collect(config, proxy.base_url)
         out = interrupt_when(proc, lambda: bool(list(shards.glob("*.parquet"))))
     assert proc.returncode == 130, out[-3000:]
