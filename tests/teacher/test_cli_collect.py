@@ -98,10 +98,16 @@ def interrupt_when(proc: subprocess.Popen, ready: Callable[[], bool]) -> str:
             proc.wait()
 
 
+def _foreground_signals() -> None:
+    """In the child: SIGINT as a terminal's foreground job has it. A disposition of SIG_IGN is inherited (some
+    library in this pytest process may leave it so), and Python installs no KeyboardInterrupt handler then."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_collect(config: Path, base_url: str) -> subprocess.Popen:
     return subprocess.Popen(
         distill_collect(config, base_url), env=key_env(), start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_foreground_signals,
     )  # fmt: skip
 
 
