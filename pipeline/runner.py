@@ -187,7 +187,7 @@ def train_students(
         for (name, lr), result in zip(grid, results, strict=True):
             sweep[name].append((lr, result))
         for name, tried in sweep.items():
-            lr, result = min(tried, key=lambda pair: _final_val_loss(pair[1]))
+            _, result = min(tried, key=lambda pair: _final_val_loss(pair[1]))
             if not math.isfinite(_final_val_loss(result)):
                 raise StageError(
                     f"sweep: every learning rate of student {name!r} diverged ({config.sweep.lrs})"
