@@ -185,6 +185,11 @@ def _canned_topk(rng: np.random.Generator, actual: int, vocab_size: int, k: int)
     return ids, logprobs, float(np.float32(logprobs[-1] - rng.exponential(1.0))), rank
 
 
+def _json(body: dict) -> bytes:
+    """A body as vLLM sends it: compact JSON (Starlette's ``JSONResponse``), numbers as Python writes them."""
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def canned_bodies(prompts: int, tokens: int, k: int) -> dict[str, dict[str, bytes]]:
     """Per shape, request prompt -> the response body an instant teacher sends (JSON bytes)."""
     vocab, texts = canned_corpus(prompts, tokens)
@@ -220,9 +225,9 @@ def canned_bodies(prompts: int, tokens: int, k: int) -> dict[str, dict[str, byte
         }
         full_text = text + vocab[extra].decode("utf-8")
         choice = {"index": 0, "text": full_text, "logprobs": echo0, "finish_reason": "length"}
-        out["prompt_logprobs"][text] = json.dumps(
+        out["prompt_logprobs"][text] = _json(
             {**head, "choices": [{**choice, "prompt_logprobs": vllm}], "usage": usage}
-        ).encode()
+        )
         echo = {
             **echo0,
             "top_logprobs": [None]
@@ -232,9 +237,7 @@ def canned_bodies(prompts: int, tokens: int, k: int) -> dict[str, dict[str, byte
             ]
             + [{f"token_id:{extra}": -1.5}],
         }
-        out["echo"][text] = json.dumps(
-            {**head, "choices": [{**choice, "logprobs": echo}], "usage": usage}
-        ).encode()
+        out["echo"][text] = _json({**head, "choices": [{**choice, "logprobs": echo}], "usage": usage})
         content = [
             {
                 "token": f"token_id:{i}",
@@ -255,7 +258,7 @@ def canned_bodies(prompts: int, tokens: int, k: int) -> dict[str, dict[str, byte
             }],
             "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": tokens + 8},
         }  # fmt: skip
-        out["chat"][f"canned chat prompt {n}"] = json.dumps(chat).encode()
+        out["chat"][f"canned chat prompt {n}"] = _json(chat)
     return out
 
 

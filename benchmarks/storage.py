@@ -1,8 +1,8 @@
 """Storage benchmark: bytes/token and KL error of our top-k encoding vs plain int32 + f32/f16, reader speed.
 
-Three data sets at k = 20, written through the real ``ShardWriter`` (default settings: q16, zstd 9, 256 records
-per shard) and, for the baselines, as plain Parquet (same metadata columns, raw int32 teacher ids, float32 or
-float16 logprobs, same zstd level):
+Three data sets at k = 20, written through the real ``ShardWriter`` (default settings: q16, the default zstd
+level, 256 records per shard; ``--compression-level`` overrides the level) and, for the baselines, as plain
+Parquet (same metadata columns, raw int32 teacher ids, float32 or float16 logprobs, same zstd level):
 
 - ``real``: a byte-level BPE (HF ``tokenizers``) trained on the Python standard library's source, a small MLP
   language model trained here on it with torch, and its exact softmax top-20 over held-out stdlib text (the
@@ -390,7 +390,7 @@ def column_breakdown(paths: list[Path], tokens: int) -> dict[str, float]:
     return {name: size / tokens for name, size in sorted(sizes.items(), key=lambda kv: -kv[1])}
 
 
-def measure_sampled(data: DataSet, work: Path) -> dict[str, float]:
+def measure_sampled(data: DataSet, work: Path, level: int) -> dict[str, float]:
     """Bytes/token of top-K plus S tail samples and the actual token's logprob (float16), and that logprob's
     error in nats (it enters a cross-entropy directly)."""
     out: dict[str, float] = {}
@@ -408,7 +408,7 @@ def measure_sampled(data: DataSet, work: Path) -> dict[str, float]:
             record.token_logprobs = data.actual_logprobs[start : start + n].astype(np.float32)
             start += n
         folder = work / f"sampled{draws}"
-        with ShardWriter(folder, StorageSettings(data_dir=folder)) as writer:
+        with ShardWriter(folder, StorageSettings(data_dir=folder, compression_level=level)) as writer:
             writer(records, data.vocab)
         paths = [shard_dir(folder) / info.name for info in writer.written]
         out[f"bytes_per_token_samples_{draws}"] = sum(p.stat().st_size for p in paths) / len(data.tokens)
@@ -424,8 +424,8 @@ def measure_sampled(data: DataSet, work: Path) -> dict[str, float]:
     return out
 
 
-def measure(data: DataSet, work: Path, quick: bool) -> dict[str, float]:
-    settings = StorageSettings(data_dir=work)
+def measure(data: DataSet, work: Path, quick: bool, level: int) -> dict[str, float]:
+    settings = StorageSettings(data_dir=work, compression_level=level)
     records = to_records(data)
     tokens = len(data.tokens)
     with Catalog(work) as catalog:
@@ -469,7 +469,7 @@ def measure(data: DataSet, work: Path, quick: bool) -> dict[str, float]:
         "bytes_per_token_int32_f32": f32 / tokens,
         "bytes_per_token_int32_f16": f16 / tokens,
         "columns_bytes_per_token": column_breakdown(paths, tokens),
-        **measure_sampled(data, work / "sampled"),
+        **measure_sampled(data, work / "sampled", level),
         "description": data.description,
     }
 
@@ -479,6 +479,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="Small data sets (smoke test).")
     parser.add_argument("--output", type=Path, default=RESULTS, help="Where to write the JSON results.")
     parser.add_argument("--seed", type=int, default=0)
+    level = StorageSettings.model_fields["compression_level"].default
+    parser.add_argument(
+        "--compression-level",
+        type=int,
+        default=level,
+        help=f"Parquet zstd level of every variant (default: the shard writer's default, {level}).",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     pa.set_cpu_count(1)  # one core: no Arrow decoding threads either
@@ -488,7 +495,7 @@ def main() -> int:
         started = time.perf_counter()
         data = build(args.quick, args.seed)
         with tempfile.TemporaryDirectory() as work:
-            r = measure(data, Path(work), args.quick)
+            r = measure(data, Path(work), args.quick, args.compression_level)
         results[data.name] = r
         print(f"\n[{data.name}] {data.description}: {r['tokens']:,} tokens, {r['shards']} shard(s)")
         print(f"  bytes/token  ours (q16) {r['bytes_per_token']:7.2f}")
@@ -530,7 +537,12 @@ def main() -> int:
             + ", ".join(f"{k} {v:.2f}" for k, v in r["columns_bytes_per_token"].items())
         )
         print(f"  ({time.perf_counter() - started:.0f} s)")
-    results["settings"] = {"k": K, "quick": args.quick, "codec": "q16", "compression": "zstd-9"}
+    results["settings"] = {
+        "k": K,
+        "quick": args.quick,
+        "codec": "q16",
+        "compression": f"zstd-{args.compression_level}",
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.output}")

@@ -48,6 +48,7 @@ TRANSPORT_FIELDS = frozenset(
         "endpoints",
         "breaker_failures",
         "breaker_cooldown_s",
+        "http_transport",
     }
 )
 

@@ -27,7 +27,7 @@ from functools import cache
 
 import numpy as np
 
-from storage.kernels import decode_q16_entries
+from storage.kernels import decode_q16_entries, encode_q16_entries
 
 LOGPROB_FLOOR = -80.0  # logprobs below this are stored as this (p < 2e-35 carries no mass worth a bit)
 OPENAI_SENTINEL = -9999.0  # "not returned" logprob: such an entry is padding, never data
@@ -100,31 +100,49 @@ def sort_positions(ids: np.ndarray, logprob: np.ndarray, extra: np.ndarray | Non
     """Sort each row of padded ``[P, K]`` arrays by decreasing logprob, padding (-1 id, -inf or OpenAI's -9999
     sentinel) last.
 
-    Returns ``(ids, logprob, extra, k)`` still padded, plus the count of real entries per row.
+    Returns ``(ids, logprob, extra, k)`` still padded, plus the count of real entries per row. Rows that are
+    already in that order (what the parsers give) are returned as they are, without a sort.
     """
     valid = (ids >= 0) & np.isfinite(logprob) & (logprob > OPENAI_SENTINEL)
-    key = np.where(valid, logprob.astype(np.float64), np.inf * -1)
+    key = np.where(valid, logprob, -np.inf)
+    k = valid.sum(axis=1)
+    if (key[:, 1:] <= key[:, :-1]).all():  # a stable sort would keep every row as it is
+        return ids, logprob, extra, k
     order = np.argsort(-key, axis=1, kind="stable")
     take = np.take_along_axis
     sorted_extra = None if extra is None else take(extra, order, axis=1)
-    return take(ids, order, 1), take(logprob, order, 1), sorted_extra, valid.sum(axis=1)
+    return take(ids, order, 1), take(logprob, order, 1), sorted_extra, k
 
 
 def encode_q16(logprob: np.ndarray, k: np.ndarray, params: Q16Params) -> tuple[np.ndarray, np.ndarray]:
-    """Flat sorted logprobs -> (uint16 code deltas [E], uint16 tail codes [P])."""
-    starts = segment_starts(k)
-    codes = encode_codes(logprob, params)
-    deltas = np.diff(codes, prepend=0)
-    first = starts[:-1][k > 0]
-    deltas[first] = codes[first]
-    if deltas.size and deltas.min() < 0:
-        raise ValueError("q16: logprobs must be sorted by decreasing value within each position")
-    mass = np.bincount(segment_ids(k), weights=np.exp(logprob.astype(np.float64)), minlength=len(k))
+    """Flat sorted logprobs -> (uint16 code deltas [E], uint16 tail codes [P]).
+
+    The codes are ``encode_codes``'s: the exponentials are numpy's (as in ``encode_codes``), the rest of the
+    arithmetic one compiled pass (``encode_q16_entries``)."""
+    l0 = np.log(params.p0)
+    half_exp = logprob.astype(np.float64)  # exp(max(clip(lp, floor, 0), l0) / 2), in place
+    np.clip(half_exp, max(params.floor, l0), 0.0, out=half_exp)
+    half_exp /= 2.0
+    np.exp(half_exp, out=half_exp)
+    deltas = np.empty(len(logprob), dtype=np.uint16)
+    mass = np.empty(len(k), dtype=np.float64)
+    encode_q16_entries(
+        logprob,
+        half_exp,
+        np.exp(logprob, dtype=np.float64),
+        segment_starts(k),
+        params.s0,
+        np.sqrt(params.p0),
+        l0,
+        params.floor,
+        deltas,
+        mass,
+    )
     rest = 1.0 - mass
     tail = np.full(len(k), TAIL_NONE, dtype=np.int64)
     has_rest = rest > 0
     tail[has_rest] = encode_codes(np.log(rest[has_rest]), params)
-    return deltas.astype(np.uint16), tail.astype(np.uint16)
+    return deltas, tail.astype(np.uint16)
 
 
 def decode_q16(deltas: np.ndarray, tail: np.ndarray, k: np.ndarray, params: Q16Params) -> np.ndarray:
@@ -162,11 +180,19 @@ def decode_logprobs(
 
 def frequency_ranks(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Rank ids by decreasing frequency (ties by id): returns (ids in rank order, rank of every input id)."""
-    unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-    order = np.lexsort((unique, -counts))
-    rank_of_unique = np.empty(len(unique), dtype=np.int64)
-    rank_of_unique[order] = np.arange(len(unique))
-    return unique[order], rank_of_unique[inverse.reshape(-1)]
+    ids = np.asarray(ids).reshape(-1)
+    if ids.size and (ids.min() < 0 or ids.max() > 4 * ids.size + (1 << 20)):  # too sparse to count by id
+        unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+        order = np.lexsort((unique, -counts))
+        rank_of_unique = np.empty(len(unique), dtype=np.int64)
+        rank_of_unique[order] = np.arange(len(unique))
+        return unique[order], rank_of_unique[inverse.reshape(-1)]
+    counts = np.bincount(ids)  # O(ids + max id) rather than a sort of all ids
+    unique = np.flatnonzero(counts)
+    order = np.lexsort((unique, -counts[unique]))
+    rank_of_id = np.zeros(len(counts), dtype=np.int64)
+    rank_of_id[unique[order]] = np.arange(len(unique))
+    return unique[order].astype(ids.dtype, copy=False), rank_of_id[ids]
 
 
 def topk_kl(reference: np.ndarray, decoded: np.ndarray, k: np.ndarray) -> np.ndarray:

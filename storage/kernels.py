@@ -1,5 +1,6 @@
 """Compiled loops (numba) for the reader's per-entry hot paths: byte planes -> ints, q16 decoding, id lookup,
-row packing and gathering, and the byte comparison of vocabulary entries.
+row packing and gathering, and the byte comparison of vocabulary entries; and for the shard writer's q16
+encoding.
 
 A shard holds millions of top-k entries. In numpy each step (interleave the byte planes, a cumulative sum per
 position, two table lookups, a sum, a log, a subtraction, the id mapping, the gathers of a batch) is a pass over
@@ -179,3 +180,25 @@ def sample_targets(
                 out_weights[p, j] = 0.0
             else:
                 out_weights[p, j] = np.float32(weights[j] / total)
+
+
+@njit(cache=True, nogil=True)
+def encode_q16_entries(logprob, half_exp, prob, entry_offsets, s0, sqrt_p0, l0, floor, out_deltas, out_mass):
+    """The q16 encoder's per-entry arithmetic (``storage.codec.encode_q16``), float64 as numpy does it: with
+    ``lp = clip(logprob, floor, 0)`` and ``half_exp = exp(max(lp, l0) / 2)``, the code is ``rint((2 − 2 ·
+    half_exp) / s0 + sqrt_p0 · (l0 − min(lp, l0)) / s0)``; ``out_deltas`` is each code minus the one before it
+    in its position (the first: the code itself), and ``out_mass[p]`` the sum of ``prob`` over position
+    ``p``'s entries (from 0.0, in entry order). Raises ValueError when a delta is negative (unsorted)."""
+    for p in range(entry_offsets.shape[0] - 1):
+        previous, total = 0, 0.0
+        for e in range(entry_offsets[p], entry_offsets[p + 1]):
+            lp = min(max(np.float64(logprob[e]), floor), 0.0)
+            upper = (2.0 - 2.0 * half_exp[e]) / s0
+            lower = sqrt_p0 * (l0 - min(lp, l0)) / s0
+            code = np.int64(np.rint(upper + lower))
+            if code < previous:
+                raise ValueError("q16: logprobs must be sorted by decreasing value within each position")
+            out_deltas[e] = code - previous
+            previous = code
+            total += prob[e]
+        out_mass[p] = total

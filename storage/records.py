@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from storage.codec import concat_ranges, segment_starts
 
 SPLITS = ("train", "val", "test")
 MODES = ("generate", "score")
@@ -92,26 +95,142 @@ def sample_id(prompt: str, teacher: str, params: dict[str, Any]) -> str:
 
 
 class TeacherVocab:
-    """Token bytes <-> teacher id. Grows as a collector meets new tokens; ``add`` pins a server-given id."""
+    """Token bytes <-> teacher id. Grows as a collector meets new tokens; ``add`` pins a server-given id.
+
+    Single lookups and additions are dict operations. For whole tables the bytes are also kept in one growing
+    byte array with an offset and a length per id (-1: no such id), appended to lazily, so a shard writer takes
+    the bytes of tens of thousands of ids with a few numpy gathers (``table``), and a collector pins a batch of
+    new ids with one call (``add_many``), without a Python step per token. Not for concurrent use by threads
+    (``table`` and ``add_many`` update the arrays).
+    """
 
     def __init__(self) -> None:
         self._bytes_by_id: dict[int, bytes] = {}
         self._id_by_bytes: dict[bytes, int] = {}
         self._next = 0
+        self._data = np.zeros(0, np.uint8)  # bytes of every id in the arrays, in order of arrival
+        self._size = 0  # bytes used in ``_data`` (its capacity grows by doubling)
+        self._offsets = np.zeros(0, np.int64)  # indexed by id
+        self._lengths = np.zeros(0, np.int64)  # indexed by id; -1: not (yet) in the arrays
+        self._pending: list[int] = []  # ids added one at a time since the arrays were last brought up to date
 
     def __len__(self) -> int:
         return len(self._bytes_by_id)
 
     def add(self, token_id: int, token_bytes: bytes) -> int:
         known = self._bytes_by_id.get(token_id)
-        if known is not None and known != token_bytes:
-            raise ValueError(
-                f"teacher token id {token_id} seen with two byte strings: {known!r} and {token_bytes!r}"
-            )
+        if known is not None:
+            if known != token_bytes:
+                raise ValueError(
+                    f"teacher token id {token_id} seen with two byte strings: {known!r} and {token_bytes!r}"
+                )
+            return token_id
+        if token_id < 0:
+            raise ValueError(f"teacher token id {token_id} is negative")
         self._bytes_by_id[token_id] = token_bytes
         self._id_by_bytes.setdefault(token_bytes, token_id)
         self._next = max(self._next, token_id + 1)
+        self._pending.append(token_id)
         return token_id
+
+    def add_many(self, ids: np.ndarray, token_bytes: list[bytes]) -> None:
+        """``add(ids[i], token_bytes[i])`` for every ``i`` in order, without a Python step per id. On a conflict
+        it raises ``add``'s ValueError for the first conflicting ``i`` and adds nothing."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) != len(token_bytes):
+            raise ValueError(f"add_many: {len(ids)} ids but {len(token_bytes)} byte strings")
+        if not len(ids):
+            return
+        if ids.min() < 0:
+            raise ValueError(f"teacher token id {int(ids.min())} is negative")
+        self._sync(int(ids.max()) + 1)
+        lengths = np.fromiter(map(len, token_bytes), np.int64, count=len(token_bytes))
+        starts = segment_starts(lengths)
+        batch = np.frombuffer(b"".join(token_bytes), np.uint8)
+        known = self._lengths[ids] >= 0
+        order = np.argsort(ids, kind="stable")
+        repeated = np.zeros(len(ids), np.bool_)  # an id already met earlier in the batch
+        repeated[order[1:]] = ids[order[1:]] == ids[order[:-1]]
+        if known.any() or repeated.any():
+            self._check_many(ids, token_bytes, lengths, starts, batch, known, order, repeated)
+        new = np.flatnonzero(~known & ~repeated)
+        if not len(new):
+            return
+        if len(new) < len(ids):  # (the usual caller passes only new ids: then the batch goes in as it is)
+            token_bytes = [token_bytes[i] for i in new.tolist()]
+            ids, lengths, batch = ids[new], lengths[new], batch[concat_ranges(starts[new], lengths[new])]
+        self._append(ids, lengths, batch)
+        id_list = ids.tolist()
+        self._bytes_by_id.update(zip(id_list, token_bytes, strict=True))
+        deque(map(self._id_by_bytes.setdefault, token_bytes, id_list), maxlen=0)
+        self._next = max(self._next, max(id_list) + 1)
+
+    def _check_many(
+        self,
+        ids: np.ndarray,
+        token_bytes: list[bytes],
+        lengths: np.ndarray,
+        starts: np.ndarray,
+        batch: np.ndarray,
+        known: np.ndarray,
+        order: np.ndarray,
+        repeated: np.ndarray,
+    ) -> None:
+        """``add_many``'s conflict check: each entry's bytes against the vocabulary's for a known id, else
+        against the id's first entry in the batch."""
+        first = np.empty(len(ids), np.int64)  # index of each id's first entry in the batch
+        group = np.cumsum(~repeated[order]) - 1
+        first[order] = order[~repeated[order]][group]
+        ref_start = np.where(known, self._offsets[ids], starts[:-1][first])
+        ref_length = np.where(known, self._lengths[ids], lengths[first])
+        check = known | repeated
+        conflict = check & (ref_length != lengths)
+        same_length = np.flatnonzero(check & ~conflict)
+        if len(same_length):
+            n = lengths[same_length]
+            where = concat_ranges(ref_start[same_length], n)
+            in_vocab = np.repeat(known[same_length], n)
+            ref = np.empty(len(where), np.uint8)
+            ref[in_vocab] = self._data[where[in_vocab]]
+            ref[~in_vocab] = batch[where[~in_vocab]]
+            mine = batch[concat_ranges(starts[same_length], n)]
+            differs = np.bincount(np.repeat(np.arange(len(n)), n), weights=mine != ref, minlength=len(n))
+            conflict[same_length[differs > 0]] = True
+        if conflict.any():
+            i = int(np.argmax(conflict))
+            known_bytes = self._bytes_by_id[int(ids[i])] if known[i] else token_bytes[int(first[i])]
+            raise ValueError(
+                f"teacher token id {int(ids[i])} seen with two byte strings: {known_bytes!r} and {token_bytes[i]!r}"
+            )
+
+    def _reserve(self, ids_end: int, data_end: int) -> None:
+        """Grow the arrays (at least doubling) to cover ids below ``ids_end`` and ``data_end`` bytes."""
+        if ids_end > len(self._lengths):
+            grow = max(ids_end, 2 * len(self._lengths), 1024) - len(self._lengths)
+            self._offsets = np.concatenate([self._offsets, np.zeros(grow, np.int64)])
+            self._lengths = np.concatenate([self._lengths, np.full(grow, -1, np.int64)])
+        if data_end > len(self._data):
+            grown = np.zeros(max(data_end, 2 * len(self._data), 1 << 16), np.uint8)
+            grown[: self._size] = self._data[: self._size]
+            self._data = grown
+
+    def _append(self, ids: np.ndarray, lengths: np.ndarray, data: np.ndarray) -> None:
+        """Put ids new to the arrays and their bytes (``data``: concatenated in the order of ``ids``) there."""
+        end = self._size + len(data)
+        self._reserve(int(ids.max()) + 1, end)
+        self._data[self._size : end] = data
+        self._offsets[ids] = self._size + segment_starts(lengths)[:-1]
+        self._lengths[ids] = lengths
+        self._size = end
+
+    def _sync(self, ids_end: int = 0) -> None:
+        """Bring the arrays up to date with ``add``'s ids and make them cover ids below ``ids_end``."""
+        if self._pending:
+            ids, self._pending = self._pending, []
+            pending = list(map(self._bytes_by_id.__getitem__, ids))
+            lengths = np.fromiter(map(len, pending), np.int64, count=len(pending))
+            self._append(np.array(ids, np.int64), lengths, np.frombuffer(b"".join(pending), np.uint8))
+        self._reserve(ids_end, 0)
 
     def id_of(self, token_bytes: bytes) -> int:
         """The id of these bytes, assigning the next free id the first time they are seen."""
@@ -120,6 +239,19 @@ class TeacherVocab:
 
     def bytes_of(self, token_id: int) -> bytes:
         return self._bytes_by_id[token_id]
+
+    def table(self, ids: np.ndarray) -> tuple[np.ndarray, bytes]:
+        """(lengths int64 [n], the concatenated bytes) of ``ids``, as ``bytes_of`` of each would give them;
+        KeyError (the first unknown id) when one is not in the vocabulary."""
+        self._sync()
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        lengths = np.full(len(ids), -1, np.int64)
+        inside = (ids >= 0) & (ids < len(self._lengths))
+        lengths[inside] = self._lengths[ids[inside]]
+        missing = lengths < 0
+        if missing.any():
+            raise KeyError(int(ids[np.argmax(missing)]))
+        return lengths, self._data[concat_ranges(self._offsets[ids], lengths)].tobytes()
 
     def items(self) -> list[tuple[int, bytes]]:
         return sorted(self._bytes_by_id.items())

@@ -9,7 +9,9 @@ backoff cover every fault.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import ssl
 from typing import TYPE_CHECKING, Any
 
 import httpx2
@@ -52,14 +54,24 @@ def body_problem(request_body: bytes, response_body: bytes) -> str | None:
 def decoded_problem(request_body: bytes, response_body: bytes) -> tuple[Any, str | None]:
     """The decoded body (``teacher.dense.decode_body``: its bulky array left raw) and ``body_problem``'s answer."""
     try:
-        body = decode_body(response_body)
-    except ValueError:  # orjson's JSONDecodeError, bad UTF-8 included
-        return None, "a body that is not valid JSON"
-    try:
         asked = orjson.loads(request_body) if request_body else {}
     except ValueError:
         asked = {}
-    return body, _problem(asked if isinstance(asked, dict) else {}, body)
+    asked = asked if isinstance(asked, dict) else {}
+    try:
+        body = decode_body(response_body, _bulky_shape(asked))
+    except ValueError:  # orjson's JSONDecodeError, bad UTF-8 included
+        return None, "a body that is not valid JSON"
+    return body, _problem(asked, body)
+
+
+def _bulky_shape(asked: dict) -> str | None:
+    """Which bulky array (``teacher.dense.BULKY``) the answer to this request carries, if any."""
+    if "messages" in asked:
+        return "content" if asked.get("logprobs") else None
+    if asked.get("prompt_logprobs") is not None:
+        return "prompt_logprobs"
+    return "top_logprobs" if asked.get("logprobs") not in (None, False) else None
 
 
 def _problem(asked: dict, body: Any) -> str | None:
@@ -107,15 +119,29 @@ class ValidatingTransport(httpx2.AsyncBaseTransport):
         await self.inner.aclose()
 
 
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    """The default TLS context, built once per process: loading the CA bundle costs 5-16 ms of CPU, paid otherwise
+    by every client (each collect run, each endpoint, each Dask partition)."""
+    return httpx2.create_ssl_context()
+
+
 def make_openai_client(
     settings: TeacherSettings, base_url: str, api_key: str | None, concurrency: int | None = None
 ) -> AsyncOpenAI:
     """The ``openai`` client of one endpoint: at most ``concurrency`` (default ``settings.concurrency``)
-    connections, every 200 checked by ``ValidatingTransport``."""
+    connections over ``settings.http_transport``, every 200 checked by ``ValidatingTransport``."""
     connections = concurrency or settings.concurrency
     timeout = httpx2.Timeout(settings.timeout_s, connect=min(settings.timeout_s, 10.0))
     limits = httpx2.Limits(max_connections=connections, max_keepalive_connections=connections)
-    transport = ValidatingTransport(httpx2.AsyncHTTPTransport(limits=limits))
+    if settings.http_transport == "aiohttp":
+        # The transport behind the SDK's public ``openai.DefaultAioHttpClient``, here under our validation.
+        from openai._vendor.httpx_aiohttp import AiohttpTransport
+
+        inner: httpx2.AsyncBaseTransport = AiohttpTransport(verify=_ssl_context(), limits=limits)
+    else:
+        inner = httpx2.AsyncHTTPTransport(verify=_ssl_context(), limits=limits)
+    transport = ValidatingTransport(inner)
     return AsyncOpenAI(
         base_url=base_url,
         api_key=api_key or "no-key",  # the local teacher without auth accepts any bearer

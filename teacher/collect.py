@@ -11,6 +11,7 @@ windows merged back into one record (``teacher.windows``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +27,15 @@ from teacher.client import estimated_tokens, request_params
 from teacher.endpoints import Endpoint, EndpointPool, EndpointStats, dispatch
 from teacher.fragments import FragmentStats, repair, spells
 from teacher.inputs import WorkItem
-from teacher.parsing import SENTINEL_LOGPROB, DenseTopK, Parsed, Resolve, ResponseShapeError, Token
+from teacher.parsing import (
+    SENTINEL_LOGPROB,
+    DenseTokens,
+    DenseTopK,
+    Parsed,
+    Resolve,
+    ResponseShapeError,
+    Token,
+)
 from teacher.secrets import redact
 from teacher.settings import TeacherSettings
 from teacher.windows import ask_scored
@@ -93,13 +102,11 @@ def _record_extras(parsed: Parsed, vocab: TeacherVocab, server_ids: dict[bytes, 
     NaN) and, when the answer has them, its tail samples (``sample_ids`` / ``sample_counts``)."""
     n = len(parsed.tokens)
     rows = parsed.candidates
-    has_top = (rows.ids[:, 0] >= 0).tolist() if isinstance(rows, DenseTopK) else [bool(c) for c in rows]
-    known = [h and t.logprob > SENTINEL_LOGPROB + 0.5 for t, h in zip(parsed.tokens, has_top, strict=True)]
-    extras: dict = {
-        "token_logprobs": np.array(
-            [t.logprob if k else np.nan for t, k in zip(parsed.tokens, known, strict=True)], np.float32
-        )
-    }
+    has_top = rows.ids[:, 0] >= 0 if isinstance(rows, DenseTopK) else np.array([bool(c) for c in rows], bool)
+    tokens = parsed.tokens
+    values = tokens.logprobs if isinstance(tokens, DenseTokens) else np.array([t.logprob for t in tokens])
+    known = has_top & (values > SENTINEL_LOGPROB + 0.5)
+    extras: dict = {"token_logprobs": np.where(known, values, np.nan).astype(np.float32)}
     if parsed.samples is not None:
         width = max((len(s[0]) for s in parsed.samples if s is not None), default=0) or 1
         ids, counts = np.full((n, width), -1, np.int32), np.zeros((n, width), np.int32)
@@ -112,7 +119,7 @@ def _record_extras(parsed: Parsed, vocab: TeacherVocab, server_ids: dict[bytes, 
 
 class PinnedIds:
     """Teacher ids already pinned in one vocabulary with their resolved bytes: a dense answer's ~20,000 top-k ids
-    then cost one array lookup, and only ids new to the vocabulary a ``TeacherVocab.add`` each."""
+    then cost one array lookup, and the ids new to the vocabulary one ``TeacherVocab.add_many``."""
 
     def __init__(self) -> None:
         self.pinned = np.zeros(0, np.bool_)
@@ -127,8 +134,7 @@ class PinnedIds:
                 [self.pinned, np.zeros(max(top + 1, 2 * len(self.pinned)), np.bool_)]
             )
         new = np.unique(ids[~self.pinned[ids]])
-        for token_id in new.tolist():
-            vocab.add(token_id, resolve(token_id))
+        vocab.add_many(new, list(map(resolve, new.tolist())))
         self.pinned[new] = True
 
 
@@ -136,14 +142,17 @@ def _dense_arrays(parsed: Parsed, vocab: TeacherVocab, pinned: PinnedIds) -> tup
     """(tokens, top-k ids, top-k logprobs) of a ``DenseTopK`` answer whose tokens all carry ids and bytes (what
     ``repair`` would leave as it is), without a Python object per entry; None for any other answer. The dense
     parsers take every token's bytes from the same ``resolve`` as the top-k's, so ids are pinned by id."""
-    dense = parsed.candidates
+    dense, listed = parsed.candidates, parsed.tokens
     if not isinstance(dense, DenseTopK) or parsed.samples is not None:
         return None
-    if not all(t.id is not None and t.data for t in parsed.tokens):
+    if isinstance(listed, DenseTokens):
+        tokens = listed.ids.astype(np.int32)
+    elif all(t.id is not None and t.data for t in listed):
+        tokens = np.array([t.id for t in listed], np.int32)
+    else:
         return None
-    tokens = np.array([t.id for t in parsed.tokens], dtype=np.int32)
-    pinned.pin(np.concatenate([tokens, dense.ids.ravel()]), vocab, dense.resolve)  # the parsers resolved them
-    if not spells(b"".join(vocab.bytes_of(t) for t in tokens.tolist()), parsed.text):
+    pinned.pin(np.concatenate([tokens, dense.ids.ravel()]), vocab, dense.resolve)
+    if not spells(vocab.table(tokens)[1], parsed.text):
         raise ResponseShapeError("the tokens do not spell the text")
     return tokens, dense.ids.astype(np.int32), dense.logprobs.astype(np.float32)
 
@@ -211,7 +220,7 @@ def _listed_arrays(parsed: Parsed, vocab: TeacherVocab, stats: FragmentStats | N
                 logits[i, j] = cand.logit
     # After the candidates: a bytes-only token (the first prompt token) then reuses a server-given id.
     tokens = np.array([_token_id(t, vocab, server_ids) for t in parsed.tokens], dtype=np.int32)
-    if not spells(b"".join(vocab.bytes_of(int(t)) for t in tokens), parsed.text):
+    if not spells(vocab.table(tokens)[1], parsed.text):
         raise ResponseShapeError("the tokens do not spell the text")
     return tokens, ids, logprobs, logits, server_ids, parsed
 
@@ -339,7 +348,16 @@ def collect(
     progress: bool = True,
     resolve: Resolve | None = None,
 ) -> CollectResult:
-    """Synchronous entry point (runs its own event loop); see ``collect_async``."""
-    return asyncio.run(
-        collect_async(items, settings, base_url, api_key, stored_ids, sink, vocab, progress, resolve)
-    )
+    """Synchronous entry point (runs its own event loop); see ``collect_async``.
+
+    The objects that exist before collection starts (modules, settings: hundreds of thousands in a process that
+    imported numba, pyarrow and the openai client) are left out of the cyclic garbage collector's passes until it
+    ends (``gc.freeze``): the answers' many short-lived objects set off full passes, which cost ~3 ms of CPU per
+    1,000-token answer over those objects (``benchmarks/collect.py --only cpu``, BENCHMARKS.md)."""
+    gc.freeze()
+    try:
+        return asyncio.run(
+            collect_async(items, settings, base_url, api_key, stored_ids, sink, vocab, progress, resolve)
+        )
+    finally:
+        gc.unfreeze()

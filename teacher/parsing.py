@@ -3,7 +3,9 @@
 Shapes handled (the documented ones):
 
 - chat completions: ``choices[0].logprobs.content[i] = {token, logprob, bytes, top_logprobs: [{token, logprob,
-  bytes}]}``; ``bytes`` carries the UTF-8 bytes of tokens that are fragments of a multi-byte character.
+  bytes}]}``; ``bytes`` carries the UTF-8 bytes of tokens that are fragments of a multi-byte character, except
+  for a token spelled ``"token_id:123"`` when the tokenizer is given: its bytes are the tokenizer's (vLLM sends
+  there the bytes of the string ``"token_id:123"``, or of a lossy decoded token).
 - legacy completions: ``choices[0].logprobs = {tokens, token_logprobs, top_logprobs: [{token: logprob}],
   text_offset}``; with ``echo`` the prompt's tokens come first and the first position's ``top_logprobs`` is null.
   OpenAI spells a fragment token ``"bytes:\\xe2\\x80"``; vLLM with ``return_tokens_as_token_ids`` spells every
@@ -21,15 +23,15 @@ entries is fine (k varies per position).
 from __future__ import annotations
 
 import ast
-import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, overload
 
 import numpy as np
+import orjson
 
-from teacher.dense import RawArray, Scanned, decoded_array, entry_values
+from teacher.dense import RawArray, Scanned, ScannedChat, decoded_array, entry_values
 
 SENTINEL_LOGPROB = -9999.0
 Resolve = Callable[[int], bytes]
@@ -87,18 +89,57 @@ class DenseTopK(Sequence[list[Token]]):
         return (self[i] for i in range(len(self)))
 
 
+@dataclass(frozen=True)
+class DenseTokens(Sequence[Token]):
+    """The tokens of a fast-parsed answer as arrays: ``ids`` [n] (every id known), ``logprobs`` [n] float64
+    (``SENTINEL_LOGPROB`` where the server gave none) and ``data``, each token's (non-empty) bytes as the
+    tokenizer's ``resolve`` gives them (``resolved``: never the server's spelling). Indexing
+    gives ``Token`` objects, so code written for lists of tokens reads it unchanged; ``build_record`` reads the
+    arrays (no Python object per token)."""
+
+    ids: np.ndarray
+    logprobs: np.ndarray
+    data: list[bytes]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @overload
+    def __getitem__(self, index: int) -> Token: ...
+    @overload
+    def __getitem__(self, index: slice) -> DenseTokens: ...
+    def __getitem__(self, index: int | slice) -> Token | DenseTokens:
+        if isinstance(index, slice):
+            return DenseTokens(self.ids[index], self.logprobs[index], self.data[index])
+        return Token(self.data[index], int(self.ids[index]), float(self.logprobs[index]))
+
+    def __iter__(self) -> Iterator[Token]:
+        return (self[i] for i in range(len(self)))
+
+    @classmethod
+    def resolved(cls, ids: Sequence[int], logprobs: np.ndarray, resolve: Resolve) -> DenseTokens | None:
+        """Tokens whose bytes come from ``resolve``; None when an id is negative or spells nothing (the general
+        path then handles them, with ``teacher.fragments``)."""
+        if len(ids) and min(ids) < 0:
+            return None
+        data = [resolve(t) for t in ids]
+        if not all(data):
+            return None
+        return cls(np.asarray(ids, np.int64), logprobs, data)
+
+
 @dataclass
 class Parsed:
     """The teacher's answer for one sample, before teacher-vocab ids are assigned.
 
     ``tokens[i]`` is the i-th token of ``text``; ``candidates[i]`` its top-k (sorted by decreasing logprob; a
-    ``DenseTopK`` from the fast parsers of score answers, lists of tokens otherwise);
+    ``DenseTopK`` from the fast parsers of token-id answers, lists of tokens otherwise);
     ``samples[i]`` its tail samples (the local teacher's ``return_samples``: distinct tokens and their counts),
     None where the position has none; ``samples`` is None when they were not asked for.
     """
 
     text: str
-    tokens: list[Token]
+    tokens: list[Token] | DenseTokens
     candidates: list[list[Token]] | DenseTopK
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -227,13 +268,44 @@ def _chat_token(item: Any, where: str, resolve: Resolve | None, logit: float | N
             data = bytes(_list(raw, f"{where}.bytes"))
         except (ValueError, TypeError):
             raise ResponseShapeError(f"{where}.bytes: expected a list of integers 0..255") from None
+    if resolve is not None and token.startswith("token_id:"):
+        data = None  # the tokenizer's: vLLM sends the bytes of "token_id:N", or of a lossy decoded token
     return make_token(token, logprob, resolve, data=data, logit=logit)
+
+
+def _dense_chat(body: dict, choice: dict, raw: RawArray, k: int, resolve: Resolve | None) -> Parsed | None:
+    """``parse_chat`` of a token-id answer from its undecoded ``logprobs.content`` (None: not that layout, or
+    something the general path refuses; it reads the answer and names what is wrong)."""
+    scanned = _checked(raw.scanned) if resolve is not None else None
+    if resolve is None or not isinstance(scanned, ScannedChat):
+        return None
+    values = scanned.token_values
+    if not np.all((values <= LOGPROB_TOLERANCE) | (values == -np.inf)):
+        return None
+    top = scanned.top(k, SENTINEL_LOGPROB + 0.5)
+    message = choice.get("message")
+    text = message.get("content") if isinstance(message, dict) else None
+    if top is None or not isinstance(text, str):
+        return None
+    ids, values = scanned.tokens.tolist(), np.minimum(values, 0.0)
+    tokens = DenseTokens.resolved(ids, values, resolve) or [
+        Token(resolve(t), t, lp) for t, lp in zip(ids, values.tolist(), strict=True)
+    ]  # a token spelling nothing (end of text): listed, for ``teacher.fragments``
+    prompt_tokens, completion_tokens = _usage(body)
+    candidates = DenseTopK(top[0], top[1], resolve)
+    return Parsed(text, tokens, candidates, choice.get("finish_reason"), prompt_tokens, completion_tokens)
 
 
 def parse_chat(body: Any, k: int, resolve: Resolve | None = None) -> Parsed:
     """A chat completion with ``logprobs: true, top_logprobs: k`` (generate mode)."""
     choice = _first_choice(body)
     logprobs = choice.get("logprobs")
+    raw = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if isinstance(raw, RawArray):
+        parsed = _dense_chat(body, choice, raw, k, resolve)
+        if parsed is not None:
+            return parsed
+        logprobs = {**logprobs, "content": decoded_array(raw)}
     if not isinstance(logprobs, dict) or not isinstance(logprobs.get("content"), list):
         raise ResponseShapeError("choices[0].logprobs.content: missing (did the server ignore logprobs?)")
     tokens, candidates = [], []
@@ -268,7 +340,7 @@ def parse_chat(body: Any, k: int, resolve: Resolve | None = None) -> Parsed:
 
 def _dense_completion_tokens(
     logprobs: dict, raw: RawArray, k: int, resolve: Resolve | None
-) -> tuple[list[Token], DenseTopK] | None:
+) -> tuple[DenseTokens, DenseTopK] | None:
     """``_completion_tokens`` of a token-id echo answer from its undecoded ``top_logprobs`` (None: not that
     layout; the general path reads it)."""
     names, values = logprobs.get("tokens"), logprobs.get("token_logprobs")
@@ -282,24 +354,21 @@ def _dense_completion_tokens(
     top = scanned.top(k, SENTINEL_LOGPROB + 0.5)
     if top is None:
         return None
-    try:
-        token_ids = [int(name[9:]) if name.startswith("token_id:") else -1 for name in names]
-    except (ValueError, AttributeError):
-        return None
-    if -1 in token_ids or not all(v is None or type(v) in (float, int) for v in values):
+    token_ids = token_id_names(names)
+    if token_ids is None or not all(v is None or type(v) in (float, int) for v in values):
         return None
     logprobs = np.array([SENTINEL_LOGPROB if v is None else v for v in values], np.float64)
     if not np.all((logprobs <= LOGPROB_TOLERANCE) | (logprobs == -np.inf)):
         return None
-    tokens = [
-        Token(resolve(t), t, lp) for t, lp in zip(token_ids, np.minimum(logprobs, 0.0).tolist(), strict=True)
-    ]
+    tokens = DenseTokens.resolved(token_ids, np.minimum(logprobs, 0.0), resolve)
+    if tokens is None:
+        return None
     return tokens, DenseTopK(top[0], top[1], resolve)
 
 
 def _completion_tokens(
     logprobs: dict, k: int, resolve: Resolve | None
-) -> tuple[list[Token], list[list[Token]] | DenseTopK]:
+) -> tuple[list[Token] | DenseTokens, list[list[Token]] | DenseTopK]:
     raw = logprobs.get("top_logprobs")
     if isinstance(raw, RawArray):
         dense = _dense_completion_tokens(logprobs, raw, k, resolve)
@@ -339,12 +408,14 @@ def _completion_tokens(
     return tokens, candidates
 
 
-def _prompt_length(tokens: list[Token], prompt: str, offsets: list | None, usage_prompt: int) -> int:
+def _prompt_length(
+    tokens: Sequence[Token], prompt: str, offsets: np.ndarray | None, usage_prompt: int
+) -> int:
     """How many leading tokens are the prompt's (echo puts the completion after them): the tokens that start
     before the prompt's end by ``text_offset`` (characters), else the usage's count when a token's bytes are
     unknown, else the tokens spelling exactly the prompt's bytes."""
     if offsets is not None:
-        return sum(1 for offset in offsets if offset < len(prompt))
+        return int(np.count_nonzero(offsets < len(prompt)))
     target, total = len(prompt.encode("utf-8")), 0
     for i, token in enumerate(tokens):
         if total == target:
@@ -364,19 +435,29 @@ def _prompt_length(tokens: list[Token], prompt: str, offsets: list | None, usage
     )
 
 
-def _offsets(logprobs: dict, n: int) -> list[int] | None:
+def _offsets(logprobs: dict, n: int) -> np.ndarray | None:
+    """``text_offset`` as an array (int64; object for integers past 64 bits), checked."""
     raw = logprobs.get("text_offset")
     if raw is None:
         return None
     where = "choices[0].logprobs.text_offset"
-    if not isinstance(raw, list) or len(raw) != n or not all(isinstance(o, int) for o in raw):
-        raise ResponseShapeError(f"{where}: expected {n} integer character offsets, one per token")
-    if any(b < a for a, b in itertools.pairwise(raw)) or (raw and raw[0] != 0):
+    expected = f"{where}: expected {n} integer character offsets, one per token"
+    if not isinstance(raw, list) or len(raw) != n:
+        raise ResponseShapeError(expected)
+    try:
+        values = np.asarray(raw)
+    except ValueError:  # nested lists of different lengths
+        values = np.zeros(0, object)
+    if values.ndim != 1 or values.dtype.kind != "i":  # checked one by one: booleans, integers past int64
+        if not all(isinstance(o, int) for o in raw):
+            raise ResponseShapeError(expected)
+        values = np.array(raw, dtype=object)
+    if (np.diff(values) < 0).any() or (n and values[0] != 0):
         raise ResponseShapeError(f"{where}: offsets must start at 0 and never decrease, got {raw[:8]}...")
-    return raw
+    return values
 
 
-def check_echo_alignment(body: dict, tokens: list[Token], offsets: list[int] | None, text: Any) -> None:
+def check_echo_alignment(body: dict, tokens: Sequence[Token], offsets: np.ndarray | None, text: Any) -> None:
     """Refuse an echo answer whose scores are shifted by one position, from the answer's own evidence: more
     tokens than ``usage`` accounts for, or a token listed at or after the end of the echoed text."""
     prompt_tokens, completion_tokens = _usage(body)
@@ -389,7 +470,13 @@ def check_echo_alignment(body: dict, tokens: list[Token], offsets: list[int] | N
             "or another server)"
         )
     last_spells_text = bool(tokens and tokens[-1].data)
-    if offsets and isinstance(text, str) and last_spells_text and offsets[-1] >= len(text):
+    if (
+        offsets is not None
+        and len(offsets)
+        and isinstance(text, str)
+        and last_spells_text
+        and offsets[-1] >= len(text)
+    ):
         raise ShiftedScoresError(
             f"choices[0].logprobs.text_offset: token {len(offsets) - 1} starts at character {offsets[-1]}, "
             f"at or after the end of the {len(text)}-character text: this server lists one token too many in "
@@ -474,28 +561,47 @@ def _actual_ids_from_text(positions: list[dict[int, Token]], prompt: bytes) -> l
     return search(len(positions) - 1, len(prompt))
 
 
+def token_id_names(names: list) -> list[int] | None:
+    """The ids of a list of ``"token_id:N"`` strings (the usual spelling), read at once: joined, the prefix
+    counted at each name's start and nowhere else, the numbers read as one JSON array of exactly one integer per
+    name. None for any other spelling (``decode_token_string`` then reads them one by one)."""
+    n = len(names)
+    try:
+        joined = ",".join(names)
+    except TypeError:  # not all strings
+        return None
+    if n and not (
+        joined.startswith("token_id:")
+        and joined.count("token_id:") == n
+        and joined.count(",token_id:") == n - 1
+    ):
+        return None
+    try:
+        ids = orjson.loads("[" + joined.replace("token_id:", "") + "]")
+    except orjson.JSONDecodeError:
+        return None
+    return ids if len(ids) == n and all(type(i) is int for i in ids) else None
+
+
 def _echoed_ids(choice: dict, n: int) -> list[int] | None:
     """Prompt token ids from an ``echo`` + ``return_tokens_as_token_ids`` answer sent with the request."""
     logprobs = choice.get("logprobs")
     names = logprobs.get("tokens") if isinstance(logprobs, dict) else None
     if not isinstance(names, list) or len(names) < n:
         return None
-    try:  # the usual spelling, read at once
-        fast = [int(t[9:]) if t.startswith("token_id:") else None for t in names[:n]]
-        if None not in fast:
-            return fast  # type: ignore[return-value]
-    except (ValueError, AttributeError):
-        pass
+    fast = token_id_names(names[:n])
+    if fast is not None:
+        return fast
     ids = [decode_token_string(t)[1] if isinstance(t, str) else None for t in names[:n]]
     return None if any(i is None for i in ids) else ids
 
 
 def _prompt_ids(body: dict, choice: dict, n: int) -> list[int] | None:
     """The prompt's token ids, when the answer names them (``prompt_token_ids`` or an id echo)."""
-    ids = choice.get("prompt_token_ids") or body.get("prompt_token_ids") or _echoed_ids(choice, n)
+    named = choice.get("prompt_token_ids") or body.get("prompt_token_ids")
+    ids = [int(t) for t in _list(named, "choices[0].prompt_token_ids")] if named else _echoed_ids(choice, n)
     if ids is None:
         return None
-    ids = [int(t) for t in _list(ids, "choices[0].prompt_token_ids")]
     if len(ids) != n:
         raise ResponseShapeError(
             f"choices[0].prompt_token_ids: {len(ids)} ids for {n} prompt_logprobs positions"
@@ -541,8 +647,15 @@ def _dense_prompt_logprobs(
     actual = entry_values(scanned.positions, scanned.pos, scanned.ids, scanned.values, wanted)
     if np.isnan(actual[1:]).any():
         return None  # a position lacks the prompt token: the general path says which
-    later = [Token(resolve(t), t, lp) for t, lp in zip(ids[1:], actual[1:].tolist(), strict=True)]
-    return _prompt_parsed(body, prompt, ids, later, DenseTopK(top[0], top[1], resolve), resolve)
+    actual[0] = 0.0  # the first token has no prediction
+    candidates = DenseTopK(top[0], top[1], resolve)
+    tokens = DenseTokens.resolved(ids, actual, resolve)
+    if tokens is None:
+        later = [Token(resolve(t), t, lp) for t, lp in zip(ids[1:], actual[1:].tolist(), strict=True)]
+        return _prompt_parsed(body, prompt, ids, later, candidates, resolve)
+    if b"".join(tokens.data) != prompt.encode("utf-8"):
+        raise ResponseShapeError("choices[0].prompt_logprobs: the prompt tokens do not spell the prompt")
+    return Parsed(prompt, tokens, candidates, None, _usage(body)[0], 0)
 
 
 def parse_prompt_logprobs(body: Any, k: int, prompt: str, resolve: Resolve | None = None) -> Parsed:
@@ -632,7 +745,7 @@ def chat_samples(body: Any, draws: int, resolve: Resolve | None) -> list[Samples
     if not draws:
         return None
     logprobs = _first_choice(body).get("logprobs")
-    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    content = decoded_array(logprobs.get("content")) if isinstance(logprobs, dict) else None
     where = "choices[0].logprobs.content"
     out = []
     for i, entry in enumerate(_list(content, where)):

@@ -101,6 +101,11 @@ class TeacherSettings(BaseModel):
         10_000_000.0, gt=0, description="Token-bucket limit on (estimated) tokens per minute."
     )
     timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    http_transport: Literal["aiohttp", "httpx"] = Field(
+        "aiohttp",
+        description="HTTP transport under the openai client: aiohttp (the SDK's aiohttp option; a third of "
+        "httpx's CPU per response body) or httpx (the SDK default).",
+    )
     max_retries: int = Field(
         5,
         ge=0,

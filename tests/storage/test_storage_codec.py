@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from storage.codec import (
+    OPENAI_SENTINEL,
     TAIL_NONE,
     Q16Params,
     concat_ranges,
@@ -11,6 +12,7 @@ from storage.codec import (
     encode_q16,
     frequency_ranks,
     segment_ids,
+    sort_positions,
     topk_kl,
 )
 
@@ -76,3 +78,37 @@ def test_concat_ranges_matches_loop():
     starts, lengths = np.array([5, 0, 9, 2]), np.array([2, 0, 3, 1])
     expected = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, lengths, strict=True)])
     assert concat_ranges(starts, lengths).tolist() == expected.tolist()
+
+
+def test_frequency_ranks_counting_and_sorting_paths_agree():
+    rng = np.random.default_rng(0)
+    dense = rng.zipf(1.3, size=20000) % 5000  # counted by id (bincount)
+    for ids in (dense, dense * 10**7, np.concatenate([dense, [-3, -3]])):  # sparse / negative: the sort
+        unique, counts = np.unique(ids, return_counts=True)
+        expected = unique[np.lexsort((unique, -counts))]
+        order, ranks = frequency_ranks(ids)
+        assert order.tolist() == expected.tolist()
+        assert order[ranks].tolist() == ids.tolist()
+    order, ranks = frequency_ranks(np.zeros(0, np.int64))
+    assert len(order) == len(ranks) == 0
+
+
+@pytest.mark.parametrize("presorted", [True, False])
+def test_sort_positions_sorts_rows_and_counts_entries(presorted):
+    rng = np.random.default_rng(1)
+    logprob = -np.sort(rng.exponential(size=(50, 6)), axis=1).astype(np.float32)  # each row decreasing
+    ids = rng.integers(0, 100, size=(50, 6))
+    ids[::7, 4:] = -1
+    logprob[::7, 4:] = -np.inf
+    logprob[3, 5] = OPENAI_SENTINEL
+    if not presorted:
+        logprob[::2] = logprob[::2, ::-1]
+        ids[::2] = ids[::2, ::-1]
+    extra = ids * 10
+    got_ids, got_logprob, got_extra, k = sort_positions(ids, logprob, extra)
+    valid = (ids >= 0) & np.isfinite(logprob) & (logprob > OPENAI_SENTINEL)
+    order = np.argsort(-np.where(valid, logprob.astype(np.float64), -np.inf), axis=1, kind="stable")
+    assert np.array_equal(got_ids, np.take_along_axis(ids, order, 1))
+    assert np.array_equal(got_logprob, np.take_along_axis(logprob, order, 1))
+    assert np.array_equal(got_extra, got_ids * 10)
+    assert k.tolist() == valid.sum(axis=1).tolist()

@@ -3,7 +3,15 @@
 import numpy as np
 import pytest
 
-from storage.codec import TAIL_NONE, Q16Params, code_tables, encode_q16, segment_ids, segment_starts
+from storage.codec import (
+    TAIL_NONE,
+    Q16Params,
+    code_tables,
+    encode_codes,
+    encode_q16,
+    segment_ids,
+    segment_starts,
+)
 from storage.kernels import (
     decode_q16_entries,
     equal_strings,
@@ -139,3 +147,34 @@ def test_equal_strings():
     out = np.empty(len(index_a), bool)
     equal_strings(*layout(a), index_a, *layout(b), index_b, out)
     assert out.tolist() == [a[i] == b[j] for i, j in zip(index_a, index_b, strict=True)]
+
+
+def numpy_encode_q16(logprob, k, params):
+    """The encoder written with numpy passes: codes of every entry, deltas within a position, the tail."""
+    starts = segment_starts(k)
+    codes = encode_codes(logprob, params)
+    deltas = np.diff(codes, prepend=0)
+    first = starts[:-1][k > 0]
+    deltas[first] = codes[first]
+    mass = np.bincount(segment_ids(k), weights=np.exp(logprob.astype(np.float64)), minlength=len(k))
+    rest = 1.0 - mass
+    tail = np.full(len(k), TAIL_NONE, dtype=np.int64)
+    tail[rest > 0] = encode_codes(np.log(rest[rest > 0]), params)
+    return deltas.astype(np.uint16), tail.astype(np.uint16)
+
+
+@pytest.mark.parametrize("params", [Q16Params(), Q16Params(s0=2.0**-6, p0=1e-2, floor=-30.0)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_encode_q16_matches_numpy(params, dtype):
+    rng = np.random.default_rng(0)
+    k = rng.integers(0, 25, size=3000)
+    k[:7] = 0
+    probs = [np.sort(rng.dirichlet(np.full(n + 5, rng.choice([0.01, 0.2, 5.0]))))[::-1][:n] for n in k]
+    logprobs = np.log(np.maximum(np.concatenate(probs), 1e-60)).astype(dtype)
+    logprobs[rng.random(len(logprobs)) < 0.01] = 0.0  # certain tokens (no tail)
+    logprobs = np.concatenate([np.sort(s)[::-1] for s in np.split(logprobs, segment_starts(k)[1:-1])])
+    deltas, tail = encode_q16(logprobs, k, params)
+    expected_deltas, expected_tail = numpy_encode_q16(logprobs, k, params)
+    assert deltas.dtype == np.uint16 and tail.dtype == np.uint16
+    assert np.array_equal(deltas, expected_deltas)
+    assert np.array_equal(tail, expected_tail)

@@ -23,7 +23,8 @@ MODES = [
 def run(
     teacher: Teacher, items: list[WorkItem], **overrides
 ) -> tuple[list[TopKRecord], TeacherVocab, CollectResult]:
-    settings = TeacherSettings(model="local-teacher", max_tokens=6, concurrency=4, timeout_s=60, **overrides)
+    defaults = {"model": "local-teacher", "max_tokens": 6, "concurrency": 4, "timeout_s": 60}
+    settings = TeacherSettings(**{**defaults, **overrides})
     records: list[TopKRecord] = []
     vocab = TeacherVocab()
     result = collect(
@@ -106,3 +107,26 @@ def test_raw_logits_extension(teacher: Teacher, mode: str, api: str, score_api: 
         # log-softmax shifts every logit of a position by the same constant
         shift = record.topk_logits[rows] - record.topk_logprobs[rows]
         np.testing.assert_allclose(shift - shift[:, :1], 0.0, atol=1e-3)
+
+
+@pytest.mark.parametrize(("mode", "api", "score_api"), MODES)
+def test_both_http_transports_store_the_same(teacher: Teacher, mode: str, api: str, score_api: str) -> None:
+    """``teacher.http_transport``: aiohttp (the default) and httpx (the SDK's own) give the same records. One
+    request at a time: the server's batches then have the same shapes, and its numbers the same bits."""
+    items = [WorkItem(prompt=p) for p in PROMPTS[:3]]
+    common = {
+        "mode": mode,
+        "api": api,
+        "score_api": score_api,
+        "top_k": 5,
+        "temperature": 0.0,
+        "concurrency": 1,
+    }
+    by_transport = {}
+    for transport in ("aiohttp", "httpx"):
+        records, vocab, result = run(teacher, items, http_transport=transport, **common)
+        assert not result.failures and len(records) == len(items)
+        by_transport[transport] = sorted(
+            (r.sample_id, spell(r, vocab), r.topk_logprobs.tobytes(), r.text) for r in records
+        )
+    assert by_transport["aiohttp"] == by_transport["httpx"]

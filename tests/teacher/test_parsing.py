@@ -19,6 +19,7 @@ from teacher.client import body_problem, request_params
 from teacher.collect import build_record
 from teacher.dense import decode_body
 from teacher.parsing import (
+    DenseTokens,
     DenseTopK,
     Parsed,
     ResponseShapeError,
@@ -26,6 +27,7 @@ from teacher.parsing import (
     parse_chat,
     parse_completion,
     parse_prompt_logprobs,
+    token_id_names,
 )
 from teacher.settings import TeacherSettings
 from tests.teacher.conftest import PLANTED_KEY, PROMPTS, Teacher
@@ -101,6 +103,29 @@ def test_vllm_token_id_strings_resolved_through_the_tokenizer() -> None:
     assert unresolved.tokens[0].data is None
     with pytest.raises(ResponseShapeError, match="without its bytes"):
         build_record(unresolved, "p", "train", "m", "generate", {}, TeacherVocab())
+
+
+@pytest.mark.parametrize(
+    ("names", "ids"),
+    [
+        (["token_id:1", "token_id:22", "token_id:0"], [1, 22, 0]),
+        ([], []),
+        (["token_id: 5"], [5]),  # as int() reads it
+        (["token_id:1", "x"], None),
+        (["token_id:token_id:5", "7"], None),  # the prefix twice in one name, missing in the other
+        (["token_id:1,token_id:2", "token_id:3"], None),  # a comma inside a name
+        (["token_id:1,2"], None),
+        (["token_id:1.0"], None),
+        (["token_id:007"], None),  # int() reads it; the one-by-one path does
+        (["token_id:" + "9" * 30], None),  # past 64 bits
+        (["token_id:1", None], None),
+        ([1, 2], None),
+    ],
+)
+def test_token_id_names_read_at_once_or_decline(names: list, ids: list[int] | None) -> None:
+    assert token_id_names(names) == ids
+    if ids is not None:  # what the one-by-one reading gives
+        assert [decode_token_string(n)[1] for n in names] == ids
 
 
 def test_token_string_forms() -> None:
@@ -232,6 +257,7 @@ def test_fast_score_parsers_store_what_the_general_ones_store(shape: str, layout
         raw = json.dumps(body, **LAYOUTS[layout]).encode()
         fast = _parse(decode_body(raw), shape, prompt, k)
         assert isinstance(fast.candidates, DenseTopK)  # the fast path was taken
+        assert isinstance(fast.tokens, DenseTokens)  # positions kept as arrays
         general = _parse(json.loads(raw), shape, prompt, k)
         assert not isinstance(general.candidates, DenseTopK)
         assert [(t.data, t.id, t.logprob) for t in fast.tokens] == [
@@ -252,6 +278,11 @@ def _variants() -> list[tuple[str, str, Callable[[bytes], bytes]]]:
             lambda b: b.replace(b'"rank"', b'"extra": [1, {"a": "]"}], "rank"', 1),
         ),
         ("prompt_logprobs", "logits", lambda b: b.replace(b'"rank"', b'"logit": 1.5, "rank"', 1)),
+        (
+            "prompt_logprobs",
+            "an unquoted decoded token",
+            lambda b: b.replace(b'"decoded_token": "token_id:', b'"decoded_token": Xtoken_id:', 1),
+        ),
         (
             "prompt_logprobs",
             "a duplicate key",
@@ -291,6 +322,46 @@ def test_other_layouts_take_the_general_path_with_the_same_outcome(
     fast = _parse(decode_body(raw), shape, prompt, 3)
     assert list(fast.candidates) == list(expected.candidates)
     _assert_same_record(fast, expected, prompt)
+
+
+VALID_NUMBERS = ["-1E5", "-1e-05", "-2.5e+1", "-0.0", "0", "-0e3", "-3", "-12345678901234567890123",
+                 "-0.30000000000000004", "-4.9e-324", "-1e-400", "-1e400"]  # fmt: skip
+INVALID_NUMBERS = ["+1", "-01", "-.5", "-1.", "-1.e5", "-0", "-1e", "--1", "-1.2.3"]
+
+
+@pytest.mark.parametrize("shape", ["prompt_logprobs", "echo"])
+@pytest.mark.parametrize("number", VALID_NUMBERS + INVALID_NUMBERS)
+def test_every_json_number_spelling_reads_as_a_full_decode_reads_it(shape: str, number: str) -> None:
+    """The scanners copy each logprob's text and Arrow converts them all at once: a JSON number gives the value
+    a full decode gives (to the bit); a text JSON does not read as a number (or ``-0``, which it reads as the
+    integer 0) makes the scanner give up."""
+    body, prompt = _synthetic(shape, 2)
+    raw = json.dumps(body).encode()
+    key = b'"logprob": ' if shape == "prompt_logprobs" else b'"token_id:7": '
+    at = raw.index(key, raw.index(b'"prompt_logprobs"' if shape == "prompt_logprobs" else b'"top_logprobs"'))
+    end = re.compile(rb"[-0-9.eE+]+").match(raw, at + len(key)).end()
+    raw = raw[: at + len(key)] + number.encode() + raw[end:]
+    bulky = decode_body(raw)["choices"][0]
+    bulky = bulky["prompt_logprobs"] if shape == "prompt_logprobs" else bulky["logprobs"]["top_logprobs"]
+    if number in INVALID_NUMBERS:
+        assert bulky.scanned is None
+        return
+    assert bulky.scanned is not None
+    expected = json.loads(raw)  # the standard library: it also reads 1e400
+    choice = expected["choices"][0]
+    if shape == "prompt_logprobs":
+        values = [e["logprob"] for p in choice["prompt_logprobs"] if p for e in p.values()]
+    else:
+        values = [v for p in choice["logprobs"]["top_logprobs"] if p for v in p.values()]
+    assert float(number) in [float(v) for v in values]
+    assert bulky.scanned.values.tobytes() == np.array([float(v) for v in values]).tobytes()
+    try:
+        general = _parse(expected, shape, prompt, 3)
+    except (ResponseShapeError, ValueError) as exc:
+        with pytest.raises(type(exc), match=re.escape(str(exc))):
+            _parse(decode_body(raw), shape, prompt, 3)
+        return
+    _assert_same_record(_parse(decode_body(raw), shape, prompt, 3), general, prompt)
 
 
 def test_bodies_cut_short_or_without_logprobs_are_named() -> None:
