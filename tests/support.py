@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -67,6 +68,16 @@ def torchrun(
     cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     cmd += extra_launcher_args if extra_launcher_args is not None else ["--standalone"]
     return run_bounded(cmd + module_args, timeout=timeout, env=test_env(**env))
+
+
+def torchrun_worker(worker: str, tp: int, out: Path, timeout: float) -> dict:
+    """Run a loss worker script (``--out`` JSON report) under torchrun at tensor-parallel size ``tp`` and return
+    its ``results``, after checking that it ran and at that size."""
+    proc = torchrun(tp, [worker, "--out", str(out)], timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    report = json.loads(out.read_text())
+    assert report["tp"] == tp
+    return report["results"]
 
 
 class SeaweedS3:

@@ -9,8 +9,6 @@ no-grad evaluation and the single-use backward.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from student.losses import distillation_loss
 from student.losses.fused import OutputHead, fused_distillation_loss, head_logits
 from student.settings import LossSettings
 from tests.student.worker_losses_fused import PADDED, SETTINGS, VOCAB, make_head
-from tests.support import torchrun
+from tests.support import torchrun, torchrun_worker
 
 WORKER = "tests/student/worker_losses_fused.py"
 TOL = 1e-6
@@ -27,11 +25,7 @@ TOL = 1e-6
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
 def worker_results(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp(f"fused_tp{request.param}") / "results.json"
-    proc = torchrun(request.param, [WORKER, "--out", str(out)], timeout=240)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    report = json.loads(out.read_text())
-    assert report["tp"] == request.param
-    return report["results"]
+    return torchrun_worker(WORKER, request.param, out, timeout=240)
 
 
 @pytest.mark.parametrize("setting", list(SETTINGS))

@@ -8,12 +8,10 @@ input gradient over all ranks.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.student.worker_losses import DISTILL_SETTINGS
-from tests.support import torchrun
+from tests.support import torchrun_worker
 
 WORKER = "tests/student/worker_losses.py"
 TOL = 1e-6
@@ -28,11 +26,7 @@ CASES = (
 @pytest.fixture(scope="module", params=[1, 2], ids=["tp1", "tp2"])
 def worker_results(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp(f"losses_tp{request.param}") / "results.json"
-    proc = torchrun(request.param, [WORKER, "--out", str(out)], timeout=270)
-    assert proc.returncode == 0, proc.stdout[-6000:]
-    report = json.loads(out.read_text())
-    assert report["tp"] == request.param
-    return report["results"]
+    return torchrun_worker(WORKER, request.param, out, timeout=270)
 
 
 @pytest.mark.slow

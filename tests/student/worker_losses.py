@@ -356,14 +356,36 @@ DISTILL_SETTINGS: dict[str, dict] = {
 }
 
 
-def _shard(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    width = full.shape[-1] // world
-    return full[..., rank * width : (rank + 1) * width]
+def shard(full: torch.Tensor, rank: int, world: int, dim: int = -1) -> torch.Tensor:
+    """This rank's slice of ``full`` along ``dim`` (a view)."""
+    width = full.shape[dim] // world
+    return full.narrow(dim, rank * width, width)
+
+
+class ToShard(torch.autograd.Function):
+    """``full`` -> this rank's slice along ``dim``; the backward all-reduces the slices' gradients into the full
+    one, so every rank's gradcheck sees the same function of the full input."""
+
+    @staticmethod
+    def forward(ctx, full: torch.Tensor, rank: int, world: int, dim: int) -> torch.Tensor:
+        ctx.shape, ctx.rank, ctx.world, ctx.dim = full.shape, rank, world, dim
+        return shard(full, rank, world, dim).clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        out = grad.new_zeros(ctx.shape)
+        shard(out, ctx.rank, ctx.world, ctx.dim).copy_(grad)
+        if ctx.world > 1:
+            dist.all_reduce(out, group=parallel_state.get_tensor_model_parallel_group())
+        return out, None, None, None
 
 
 def run_case(ours: Callable, ref: Callable, z: torch.Tensor, batch: dict, rank: int, world: int) -> dict:
     """Forward values and the input gradient of ``sum(loss · g)`` (random g) against the reference."""
-    leaf = _shard(z, rank, world).clone().requires_grad_()
+    leaf = shard(z, rank, world).clone().requires_grad_()
     out = ours(leaf.clone(), batch)
     value, metrics = out if isinstance(out, tuple) else (out, None)
     full = z.clone().requires_grad_()
@@ -374,7 +396,7 @@ def run_case(ours: Callable, ref: Callable, z: torch.Tensor, batch: dict, rank: 
     (ref_value * g).sum().backward()
     errors = {
         "forward": rel_err(value, ref_value),
-        "grad": rel_err(leaf.grad, _shard(full.grad, rank, world)),
+        "grad": rel_err(leaf.grad, shard(full.grad, rank, world)),
     }
     if metrics is not None:
         for key, expected in ref_metrics_.items():
@@ -388,31 +410,14 @@ def _gradcheck(rank: int, world: int) -> bool:
     Each rank takes its shard of the same full input; the backward all-reduces the shard gradients into the
     full gradient, so every rank's numerical and analytical Jacobians are of the same function.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
     from student.losses import distillation_loss, soft_cross_entropy
     from student.settings import LossSettings
-
-    class ToShard(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, full):
-            ctx.shape = full.shape
-            return _shard(full, rank, world).clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            out = grad.new_zeros(ctx.shape)
-            _shard(out, rank, world).copy_(grad)
-            if world > 1:
-                dist.all_reduce(out, group=parallel_state.get_tensor_model_parallel_group())
-            return out
 
     z, batch = make_batch(seed=7, rows=4, vocab=8, k=3)
     settings = LossSettings(kind="soft", tail="tail_bucket", alpha=0.7, temperature=1.6, no_teacher="hard")
     soft_ok = torch.autograd.gradcheck(
         lambda full: soft_cross_entropy(
-            ToShard.apply(full),
+            ToShard.apply(full, rank, world, -1),
             batch["topk_ids"],
             batch["topk_logprobs"],
             tail="tail_bucket",
@@ -422,14 +427,18 @@ def _gradcheck(rank: int, world: int) -> bool:
         (z.clone().requires_grad_(),),
     )
     mixed_ok = torch.autograd.gradcheck(
-        lambda full: distillation_loss(ToShard.apply(full), batch, settings, inplace=False)[0],
+        lambda full: distillation_loss(ToShard.apply(full, rank, world, -1), batch, settings, inplace=False)[
+            0
+        ],
         (z.clone().requires_grad_(),),
     )
     more_ok = True
     for extra in (dict(kind="soft", tail="actual_bin"), dict(kind="sampled")):
         s = LossSettings(**(dict(alpha=0.7, temperature=1.6, no_teacher="hard") | extra))
         more_ok &= torch.autograd.gradcheck(
-            lambda full, s=s: distillation_loss(ToShard.apply(full), batch, s, inplace=False)[0],
+            lambda full, s=s: distillation_loss(
+                ToShard.apply(full, rank, world, -1), batch, s, inplace=False
+            )[0],
             (z.clone().requires_grad_(),),
         )
     return bool(soft_ok and mixed_ok and more_ok)
@@ -441,7 +450,7 @@ def _seed_gradient_gap(rank: int, world: int) -> dict[str, float]:
 
     z, batch = make_batch(seed=3)
     ids, logp = batch["topk_ids"], batch["topk_logprobs"]
-    leaf = _shard(z, rank, world).clone().requires_grad_()
+    leaf = shard(z, rank, world).clone().requires_grad_()
     soft_cross_entropy(leaf.clone(), ids, logp, tail="none").sum().backward()
     seed = F.softmax(z, dim=-1)
     w = torch.where(ids >= 0, logp.exp(), 0.0)
@@ -449,8 +458,8 @@ def _seed_gradient_gap(rank: int, world: int) -> dict[str, float]:
     full = z.clone().requires_grad_()
     ref_soft(full, ids, logp, "none", 1.0).sum().backward()
     return {
-        "ours_vs_reference": rel_err(leaf.grad, _shard(full.grad, rank, world)),
-        "ours_vs_seed": rel_err(leaf.grad, _shard(seed, rank, world)),
+        "ours_vs_reference": rel_err(leaf.grad, shard(full.grad, rank, world)),
+        "ours_vs_seed": rel_err(leaf.grad, shard(seed, rank, world)),
         "min_topk_mass": float(w.sum(-1)[w.sum(-1) > 0].min()),
     }
 
@@ -462,13 +471,13 @@ def _k1_equals_hard(rank: int, world: int) -> dict[str, float]:
     z, batch = make_batch(seed=5)
     labels = batch["labels"]
     ids, logp = labels.unsqueeze(-1), torch.zeros(labels.shape[0], 1, dtype=torch.float64)
-    shard = _shard(z, rank, world)
-    hard_leaf = shard.clone().requires_grad_()
+    local = shard(z, rank, world)
+    hard_leaf = local.clone().requires_grad_()
     hard = hard_cross_entropy(hard_leaf.clone(), labels)
     hard.sum().backward()
     errors = {}
     for tail in ("none", "renormalize", "tail_bucket"):
-        leaf = shard.clone().requires_grad_()
+        leaf = local.clone().requires_grad_()
         soft = soft_cross_entropy(leaf.clone(), ids, logp, tail=tail)
         soft.sum().backward()
         errors[tail] = max(rel_err(soft, hard), rel_err(leaf.grad, hard_leaf.grad))

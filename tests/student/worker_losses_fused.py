@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.student.worker_losses import make_batch, ref_distill, rel_err
+from tests.student.worker_losses import ToShard, make_batch, ref_distill, rel_err, shard
 
 VOCAB = 60
 PADDED = 64
@@ -54,11 +54,6 @@ SETTINGS: dict[str, dict] = {
 }
 
 
-def _shard(full: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    width = full.shape[0] // world
-    return full[rank * width : (rank + 1) * width]
-
-
 def make_head(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Hidden states [N, h], a full output weight [PADDED, h] (float64) and a batch over ``VOCAB`` ids."""
     _, batch = make_batch(seed=seed, vocab=VOCAB)
@@ -80,7 +75,7 @@ def _errors(name: str, got: tuple, want: tuple, rank: int, world: int) -> dict[s
     it comes from the reference."""
     (loss, metrics, gh, gw), (ref_loss, ref_metrics, ref_gh, ref_gw) = got, want
     if ref_gw.shape[0] == PADDED and gw.shape[0] != PADDED:
-        ref_gw = _shard(ref_gw, rank, world)
+        ref_gw = shard(ref_gw, rank, world, 0)
     errors = {
         f"{name}_loss": rel_err(loss, ref_loss),
         f"{name}_grad_hidden": rel_err(gh, ref_gh),
@@ -103,7 +98,7 @@ def run_setting(settings: dict, rank: int, world: int) -> dict[str, float]:
     results = {}
     for name in ("fused", "unfused"):
         h = hidden.clone().requires_grad_()
-        w = _shard(weight, rank, world).clone().requires_grad_()
+        w = shard(weight, rank, world, 0).clone().requires_grad_()
         head = OutputHead(h, w, VOCAB)
         if name == "fused":
             loss, metrics = fused_distillation_loss(head, batch, s, block_rows=BLOCK_ROWS, tile_columns=TILE)
@@ -125,25 +120,8 @@ def run_setting(settings: dict, rank: int, world: int) -> dict[str, float]:
 
 def _gradcheck(rank: int, world: int) -> float:
     """gradcheck in hidden and the full weight (sliced per rank; the slice's backward all-reduces)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
     from student.losses.fused import OutputHead, fused_distillation_loss
     from student.settings import LossSettings
-
-    class ToShard(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, full):
-            ctx.shape = full.shape
-            return _shard(full, rank, world).clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            out = grad.new_zeros(ctx.shape)
-            _shard(out, rank, world).copy_(grad)
-            if world > 1:
-                dist.all_reduce(out, group=parallel_state.get_tensor_model_parallel_group())
-            return out
 
     _, batch = make_batch(seed=7, rows=4, vocab=6, k=3)
     g = torch.Generator().manual_seed(3)
@@ -158,7 +136,12 @@ def _gradcheck(rank: int, world: int) -> float:
         s = LossSettings(**settings)
         ok &= torch.autograd.gradcheck(
             lambda h, w, s=s: fused_distillation_loss(
-                OutputHead(h, ToShard.apply(w), 6), batch, s, inplace=False, block_rows=3, tile_columns=2
+                OutputHead(h, ToShard.apply(w, rank, world, 0), 6),
+                batch,
+                s,
+                inplace=False,
+                block_rows=3,
+                tile_columns=2,
             )[0],
             (hidden, weight),
         )
@@ -184,7 +167,7 @@ def _skipped_tiles(rank: int, world: int) -> dict[str, float]:
     stats: list = []
     for fused in (True, False):
         h = hidden.clone().requires_grad_()
-        w = _shard(weight, rank, world).clone().requires_grad_()
+        w = shard(weight, rank, world, 0).clone().requires_grad_()
         head = OutputHead(h, w, VOCAB)
         if fused:
             loss, _ = fused_distillation_loss(
