@@ -27,12 +27,13 @@ from functools import cache
 
 import numpy as np
 
-from storage.kernels import decode_q16_entries, encode_q16_entries
+from storage.kernels import count_values, decode_q16_entries, encode_q16_entries, lookup
 
 LOGPROB_FLOOR = -80.0  # logprobs below this are stored as this (p < 2e-35 carries no mass worth a bit)
 OPENAI_SENTINEL = -9999.0  # "not returned" logprob: such an entry is padding, never data
 RESIDUAL_RESOLUTION = 1e-7  # smallest residual mass a sum of float32 probabilities resolves
 TAIL_NONE = 65535  # tail code: the top-k carries all the mass (r = 0)
+Q16_BLOCK = 1 << 16  # entries the q16 encoder takes at a time (its float64 temporaries: 2 × 512 KiB)
 
 
 @dataclass(frozen=True)
@@ -118,31 +119,47 @@ def encode_q16(logprob: np.ndarray, k: np.ndarray, params: Q16Params) -> tuple[n
     """Flat sorted logprobs -> (uint16 code deltas [E], uint16 tail codes [P]).
 
     The codes are ``encode_codes``'s: the exponentials are numpy's (as in ``encode_codes``), the rest of the
-    arithmetic one compiled pass (``encode_q16_entries``)."""
+    arithmetic compiled (``encode_q16_entries``). Positions go in blocks of at most ``Q16_BLOCK`` entries (or
+    one position), so the float64 temporaries stay small and in the cache rather than tens of bytes of fresh
+    memory per entry (tens of MB, page faults included, per shard)."""
+    offsets = segment_starts(k)
+    deltas = np.empty(len(logprob), dtype=np.uint16)
+    tail = np.empty(len(k), dtype=np.uint16)
+    width = int(k.max(initial=0))
+    step = max(1, Q16_BLOCK // max(width, 1))  # positions per block
+    buffers = np.empty((2, min(len(logprob), step * width)), dtype=np.float64)
+    for p0 in range(0, len(k), step):
+        p1 = min(p0 + step, len(k))
+        e0, e1 = int(offsets[p0]), int(offsets[p1])
+        block = logprob[e0:e1], offsets[p0 : p1 + 1] - e0
+        _encode_q16_block(*block, params, buffers, deltas[e0:e1], tail[p0:p1])
+    return deltas, tail
+
+
+def _encode_q16_block(
+    logprob: np.ndarray,
+    offsets: np.ndarray,
+    params: Q16Params,
+    buffers: np.ndarray,
+    out_deltas: np.ndarray,
+    out_tail: np.ndarray,
+) -> None:
+    """``encode_q16`` of some positions (``offsets`` into their ``logprob``), with the exponentials in
+    ``buffers`` [2, ≥ entries] (scratch)."""
     l0 = np.log(params.p0)
-    half_exp = logprob.astype(np.float64)  # exp(max(clip(lp, floor, 0), l0) / 2), in place
+    half_exp, prob = buffers[0, : len(logprob)], buffers[1, : len(logprob)]
+    half_exp[:] = logprob  # exp(max(clip(lp, floor, 0), l0) / 2), in place
     np.clip(half_exp, max(params.floor, l0), 0.0, out=half_exp)
     half_exp /= 2.0
     np.exp(half_exp, out=half_exp)
-    deltas = np.empty(len(logprob), dtype=np.uint16)
-    mass = np.empty(len(k), dtype=np.float64)
-    encode_q16_entries(
-        logprob,
-        half_exp,
-        np.exp(logprob, dtype=np.float64),
-        segment_starts(k),
-        params.s0,
-        np.sqrt(params.p0),
-        l0,
-        params.floor,
-        deltas,
-        mass,
-    )
+    np.exp(logprob, dtype=np.float64, out=prob)
+    mass = np.empty(len(out_tail), dtype=np.float64)
+    constants = (params.s0, np.sqrt(params.p0), l0, params.floor)
+    encode_q16_entries(logprob, half_exp, prob, offsets, *constants, out_deltas, mass)
     rest = 1.0 - mass
-    tail = np.full(len(k), TAIL_NONE, dtype=np.int64)
     has_rest = rest > 0
-    tail[has_rest] = encode_codes(np.log(rest[has_rest]), params)
-    return deltas, tail.astype(np.uint16)
+    out_tail[~has_rest] = TAIL_NONE
+    out_tail[has_rest] = encode_codes(np.log(rest[has_rest]), params)
 
 
 def decode_q16(deltas: np.ndarray, tail: np.ndarray, k: np.ndarray, params: Q16Params) -> np.ndarray:
@@ -178,21 +195,49 @@ def decode_logprobs(
     return values.astype(np.float32)
 
 
-def frequency_ranks(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rank ids by decreasing frequency (ties by id): returns (ids in rank order, rank of every input id)."""
-    ids = np.asarray(ids).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() > 4 * ids.size + (1 << 20)):  # too sparse to count by id
-        unique, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
-        order = np.lexsort((unique, -counts))
-        rank_of_unique = np.empty(len(unique), dtype=np.int64)
+def _by_count(counts: np.ndarray) -> np.ndarray:
+    """Indices of ``counts`` by decreasing count, ties by index: ``np.lexsort((arange, -counts))``, as one
+    sort of an int64 key (3x faster) where the key fits."""
+    n = len(counts)
+    top = int(counts.max(initial=0))
+    if top * n >= 1 << 62:
+        return np.lexsort((np.arange(n), -counts))
+    return np.argsort((top - counts.astype(np.int64, copy=False)) * n + np.arange(n))
+
+
+def frequency_ranks(*parts: np.ndarray, in_place: bool = False) -> tuple[np.ndarray, ...]:
+    """Rank ids by decreasing frequency (ties by id) over all ``parts`` together: returns (ids in rank order,
+    then for each part the rank of each of its ids). ``in_place``: the ranks overwrite the parts' ids (spares
+    a copy of the largest array; the parts must be writable 1-d integer arrays)."""
+    parts = tuple(np.asarray(p).reshape(-1) for p in parts)
+    size = sum(p.size for p in parts)
+    rank_type = np.int32 if size <= np.iinfo(np.int32).max else np.int64
+    low = min((int(p.min()) for p in parts if p.size), default=0)
+    high = max((int(p.max()) for p in parts if p.size), default=-1)
+    if low < 0 or high > 4 * size + (1 << 20):  # too sparse to count by id
+        unique, inverse, counts = np.unique(np.concatenate(parts), return_inverse=True, return_counts=True)
+        order = _by_count(counts)
+        rank_of_unique = np.empty(len(unique), dtype=rank_type)
         rank_of_unique[order] = np.arange(len(unique))
-        return unique[order], rank_of_unique[inverse.reshape(-1)]
-    counts = np.bincount(ids)  # O(ids + max id) rather than a sort of all ids
+        ranks = np.split(
+            rank_of_unique[inverse.reshape(-1)], np.cumsum([p.size for p in parts[:-1]], dtype=int)
+        )
+        if in_place:
+            for part, part_ranks in zip(parts, ranks, strict=True):
+                part[:] = part_ranks
+            ranks = parts
+        return unique[order], *ranks
+    counts = np.zeros(high + 1, dtype=np.int64)  # O(ids + max id) rather than a sort of all ids
+    for part in parts:
+        count_values(part, counts)
     unique = np.flatnonzero(counts)
-    order = np.lexsort((unique, -counts[unique]))
-    rank_of_id = np.zeros(len(counts), dtype=np.int64)
+    order = _by_count(counts[unique])
+    rank_of_id = np.zeros(len(counts), dtype=rank_type)
     rank_of_id[unique[order]] = np.arange(len(unique))
-    return unique[order].astype(ids.dtype, copy=False), rank_of_id[ids]
+    ranks = parts if in_place else tuple(np.empty(part.size, dtype=rank_type) for part in parts)
+    for part, out in zip(parts, ranks, strict=True):
+        lookup(rank_of_id, part, out)
+    return unique[order].astype(np.result_type(*parts), copy=False), *ranks
 
 
 def topk_kl(reference: np.ndarray, decoded: np.ndarray, k: np.ndarray) -> np.ndarray:

@@ -1,11 +1,14 @@
 """Compiled loops (numba) for the reader's per-entry hot paths: byte planes -> ints, q16 decoding, id lookup,
-row packing and gathering, and the byte comparison of vocabulary entries; and for the shard writer's q16
-encoding.
+row packing and gathering, and the byte comparison of vocabulary entries; and for the shard writer's: the
+records' top-k into flat arrays, id counts, the actual token's place in its top-k, q16 encoding, ints -> byte
+planes, token bytes.
 
 A shard holds millions of top-k entries. In numpy each step (interleave the byte planes, a cumulative sum per
 position, two table lookups, a sum, a log, a subtraction, the id mapping, the gathers of a batch) is a pass over
 arrays of tens of MB; as one loop per step the reader decodes an entry in a few nanoseconds, so data loading
-keeps ahead of training on one core (``benchmarks/storage.py``). Each docstring states the computation, and
+keeps ahead of training on one core (``benchmarks/storage.py``). The writer likewise: its numpy version made
+a dozen full-size temporaries (``[positions, k]`` int64 copies, masks, casts), whose page faults cost about as
+much as its arithmetic. Each docstring states the computation, and
 ``tests/storage/test_storage_kernels.py`` compares every kernel with a plain numpy version of it. Compiled code
 is cached next to this file (``cache=True``); indices that come from a file are bounds-checked.
 """
@@ -188,17 +191,104 @@ def encode_q16_entries(logprob, half_exp, prob, entry_offsets, s0, sqrt_p0, l0, 
     ``lp = clip(logprob, floor, 0)`` and ``half_exp = exp(max(lp, l0) / 2)``, the code is ``rint((2 − 2 ·
     half_exp) / s0 + sqrt_p0 · (l0 − min(lp, l0)) / s0)``; ``out_deltas`` is each code minus the one before it
     in its position (the first: the code itself), and ``out_mass[p]`` the sum of ``prob`` over position
-    ``p``'s entries (from 0.0, in entry order). Raises ValueError when a delta is negative (unsorted)."""
+    ``p``'s entries (from 0.0, in entry order). Raises ValueError when a delta is negative (unsorted).
+
+    The codes are first written over ``half_exp`` (a scratch array, then), in a loop of independent entries
+    that the compiler vectorises."""
+    for e in range(logprob.shape[0]):
+        lp = min(max(np.float64(logprob[e]), floor), 0.0)
+        upper = (2.0 - 2.0 * half_exp[e]) / s0
+        lower = sqrt_p0 * (l0 - min(lp, l0)) / s0
+        half_exp[e] = np.rint(upper + lower)
     for p in range(entry_offsets.shape[0] - 1):
         previous, total = 0, 0.0
         for e in range(entry_offsets[p], entry_offsets[p + 1]):
-            lp = min(max(np.float64(logprob[e]), floor), 0.0)
-            upper = (2.0 - 2.0 * half_exp[e]) / s0
-            lower = sqrt_p0 * (l0 - min(lp, l0)) / s0
-            code = np.int64(np.rint(upper + lower))
+            code = np.int64(half_exp[e])
             if code < previous:
                 raise ValueError("q16: logprobs must be sorted by decreasing value within each position")
             out_deltas[e] = code - previous
             previous = code
             total += prob[e]
         out_mass[p] = total
+
+
+@njit(cache=True, nogil=True)
+def topk_counts(ids, logprobs, sentinel, out_k):
+    """Per row ``p`` of padded ``[n, K]`` top-k arrays: ``out_k[p]`` = its real entries (id ≥ 0, logprob finite
+    and above ``sentinel``). Returns whether every row is already in ``storage.codec.sort_positions``'s order:
+    keys (the logprob of a real entry, -inf for the others) never increase along a row, so real entries come
+    first, by decreasing logprob."""
+    in_order = True
+    for p in range(ids.shape[0]):
+        count, previous = 0, np.inf
+        for j in range(ids.shape[1]):
+            lp = logprobs[p, j]
+            real = ids[p, j] >= 0 and np.isfinite(lp) and lp > sentinel
+            key = lp if real else -np.inf
+            if key > previous:
+                in_order = False
+            previous = key
+            count += real
+        out_k[p] = count
+    return in_order
+
+
+@njit(cache=True, nogil=True)
+def copy_prefixes(rows, k, out, start):
+    """The first ``k[p]`` entries of each row ``p`` of ``rows`` [n, K], concatenated into ``out`` from
+    ``start`` on; returns where they end."""
+    e = start
+    for p in range(rows.shape[0]):
+        for j in range(k[p]):
+            out[e] = rows[p, j]
+            e += 1
+    return e
+
+
+@njit(cache=True, nogil=True)
+def count_values(values, counts):
+    """``counts[v] += 1`` for each ``v`` of ``values`` (``np.bincount`` without its cast of the values to
+    int64); the caller checks that they index ``counts``."""
+    for i in range(values.shape[0]):
+        counts[values[i]] += 1
+
+
+@njit(cache=True, nogil=True)
+def first_match(values, offsets, targets, limit, missing, out):
+    """``out[p]``: the first ``j < limit`` with ``values[offsets[p] + j] == targets[p]`` among position ``p``'s
+    entries ``offsets[p]:offsets[p + 1]``, else ``missing``."""
+    for p in range(targets.shape[0]):
+        start = offsets[p]
+        found = missing
+        for j in range(min(offsets[p + 1] - start, limit)):
+            if values[start + j] == targets[p]:
+                found = j
+                break
+        out[p] = found
+
+
+@njit(cache=True, nogil=True)
+def split_planes(values, out):
+    """``out[b, i]`` = byte ``b`` (little-endian, two's complement) of ``values[i]``, for the ``out.shape[0]``
+    low bytes; returns the largest value (-1 when there is none)."""
+    top = -1
+    for i in range(values.shape[0]):
+        top = max(top, np.int64(values[i]))
+    for b in range(out.shape[0]):  # a plane at a time: one sequential write each
+        shift = 8 * b
+        for i in range(values.shape[0]):
+            out[b, i] = (np.int64(values[i]) >> shift) & 0xFF
+    return top
+
+
+@njit(cache=True, nogil=True)
+def gather_ranges(data, starts, lengths, out):
+    """``out`` = ``data[starts[i]:starts[i] + lengths[i]]`` for every ``i``, concatenated."""
+    o = 0
+    for i in range(starts.shape[0]):
+        start, length = starts[i], lengths[i]
+        if start < 0 or length < 0 or start + length > data.shape[0] or o + length > out.shape[0]:
+            raise IndexError("byte range outside the data")
+        for j in range(length):  # (a slice assignment costs more than this loop for short strings)
+            out[o + j] = data[start + j]
+        o += length

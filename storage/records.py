@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from storage.codec import concat_ranges, segment_starts
+from storage.kernels import gather_ranges
 
 SPLITS = ("train", "val", "test")
 MODES = ("generate", "score")
@@ -251,7 +252,9 @@ class TeacherVocab:
         missing = lengths < 0
         if missing.any():
             raise KeyError(int(ids[np.argmax(missing)]))
-        return lengths, self._data[concat_ranges(self._offsets[ids], lengths)].tobytes()
+        data = np.empty(int(lengths.sum()), np.uint8)
+        gather_ranges(self._data, self._offsets[ids], lengths, data)
+        return lengths, data.tobytes()
 
     def items(self) -> list[tuple[int, bytes]]:
         return sorted(self._bytes_by_id.items())

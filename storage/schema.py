@@ -48,6 +48,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.codec import (
+    OPENAI_SENTINEL,
     Q16Params,
     concat_ranges,
     decode_logprobs,
@@ -56,7 +57,14 @@ from storage.codec import (
     segment_starts,
     sort_positions,
 )
-from storage.kernels import interleave_planes
+from storage.kernels import (
+    copy_prefixes,
+    first_match,
+    gather_ranges,
+    interleave_planes,
+    split_planes,
+    topk_counts,
+)
 from storage.records import TeacherVocab, TopKRecord
 
 FORMAT_VERSION = "3"
@@ -194,14 +202,15 @@ def _list_array(values: np.ndarray, lengths: np.ndarray, value_type: pa.DataType
 
 def to_planes(values: np.ndarray, lengths: np.ndarray, planes: int) -> pa.StructArray:
     """Non-negative ints -> ``planes(n)``: per row, one binary field per little-endian byte."""
-    if values.size and values.max() >= 1 << (8 * planes):
-        raise ValueError(f"value {values.max()} does not fit in {planes} byte planes")
+    split = np.empty((planes, len(values)), dtype=np.uint8)  # row i: byte i of every value
+    top = split_planes(np.asarray(values), split)
+    if top >= 1 << (8 * planes):
+        raise ValueError(f"value {top} does not fit in {planes} byte planes")
     offsets = pa.py_buffer(segment_starts(lengths).astype(np.int32))
-    as_bytes = values.astype("<u4").view(np.uint8).reshape(-1, 4)  # little-endian: column i is byte i
-    fields = []
-    for i in range(planes):
-        plane = np.ascontiguousarray(as_bytes[:, i])
-        fields.append(pa.Array.from_buffers(pa.binary(), len(lengths), [None, offsets, pa.py_buffer(plane)]))
+    fields = [
+        pa.Array.from_buffers(pa.binary(), len(lengths), [None, offsets, pa.py_buffer(plane)])
+        for plane in split
+    ]
     return pa.StructArray.from_arrays(fields, fields=list(planes_type(planes)))
 
 
@@ -259,29 +268,40 @@ class _Flat:
     positions_per_row: np.ndarray  # [R]
 
 
+def _sorted_topk(record: TopKRecord, k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The record's (ids, float32 logprobs, logits) with each row's real entries first, by decreasing logprob
+    (``sort_positions``, skipped when the rows are already so); their count per row goes to ``k``."""
+    ids, logits = record.topk_ids, record.topk_logits
+    logprobs = np.asarray(record.topk_logprobs, dtype=np.float32)  # (sorted as the values stored)
+    if logits is not None and logits.shape != ids.shape:
+        raise ValueError(f"sample {record.sample_id}: topk_logits shape {logits.shape} != topk_ids")
+    if not topk_counts(ids, logprobs, OPENAI_SENTINEL, k):
+        ids, logprobs, logits, _ = sort_positions(ids, logprobs, logits)
+    return ids, logprobs, logits
+
+
 def _flatten(records: list[TopKRecord]) -> _Flat:
-    width = max((r.topk_ids.shape[1] for r in records), default=0)
+    """Each position's real top-k entries, copied once from the records' padded arrays into flat ones."""
     n = np.array([len(r.tokens) for r in records], dtype=np.int64)
-    total = int(n.sum())
-    ids = np.full((total, width), -1, dtype=np.int64)
-    logprobs = np.full((total, width), -np.inf, dtype=np.float32)
-    any_logits = any(r.topk_logits is not None for r in records)
-    logits = np.full((total, width), np.nan, dtype=np.float32) if any_logits else None
-    tokens = np.empty(total, dtype=np.int64)
+    rows = segment_starts(n)
+    k = np.empty(int(rows[-1]), dtype=np.int64)
+    tops = [_sorted_topk(r, k[a:b]) for r, a, b in zip(records, rows[:-1], rows[1:], strict=True)]
+    id_type = np.result_type(
+        np.int32, *(np.asarray(r.tokens).dtype for r in records), *(t[0].dtype for t in tops)
+    )
+    total = int(k.sum())
+    ids = np.empty(total, dtype=id_type)
+    logprobs = np.empty(total, dtype=np.float32)
+    any_logits = any(top[2] is not None for top in tops)
+    logits = np.full(total, np.nan, dtype=np.float32) if any_logits else None
     start = 0
-    for r, count in zip(records, n.tolist(), strict=True):
-        kr = r.topk_ids.shape[1]
-        tokens[start : start + count] = r.tokens
-        ids[start : start + count, :kr] = r.topk_ids
-        logprobs[start : start + count, :kr] = r.topk_logprobs
-        if r.topk_logits is not None:
-            if r.topk_logits.shape != r.topk_ids.shape:
-                raise ValueError(f"sample {r.sample_id}: topk_logits shape {r.topk_logits.shape} != topk_ids")
-            logits[start : start + count, :kr] = r.topk_logits
-        start += count
-    ids, logprobs, logits, k = sort_positions(ids, logprobs, logits)
-    valid = np.arange(width)[None, :] < k[:, None]
-    return _Flat(tokens, k, ids[valid], logprobs[valid], None if logits is None else logits[valid], n)
+    for (top_ids, top_logprobs, top_logits), a, b in zip(tops, rows[:-1], rows[1:], strict=True):
+        copy_prefixes(top_logprobs, k[a:b], logprobs, start)
+        if top_logits is not None:
+            copy_prefixes(top_logits, k[a:b], logits, start)
+        start = copy_prefixes(top_ids, k[a:b], ids, start)
+    tokens = np.concatenate([np.zeros(0, id_type), *(r.tokens for r in records)], dtype=id_type)
+    return _Flat(tokens, k, ids, logprobs, logits, n)
 
 
 def _token_text(
@@ -290,8 +310,9 @@ def _token_text(
     """Per row, the concatenated bytes of its tokens; token ``t``'s bytes are ``data[offsets[t]:offsets[t+1]]``."""
     offsets = offsets.astype(np.int64)
     lengths = np.diff(offsets)[ranks]
-    stream = data[concat_ranges(offsets[:-1][ranks], lengths)] if len(ranks) else data[:0]
     bounds = segment_starts(lengths)[segment_starts(positions_per_row)]  # byte offset of each row
+    stream = np.empty(int(bounds[-1]), dtype=np.uint8)
+    gather_ranges(data, offsets[:-1][ranks], lengths, stream)
     return [stream[a:b].tobytes() for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
 
 
@@ -328,15 +349,15 @@ def _flat_samples(records: list[TopKRecord]) -> tuple[np.ndarray, np.ndarray, np
 
 
 def _flat_token_logprobs(records: list[TopKRecord]) -> np.ndarray | None:
-    """The actual tokens' logprobs of all positions as float16 bit patterns (NaN where unknown), or None."""
+    """The actual tokens' logprobs of all positions as float16 bit patterns (uint16; NaN where unknown), or
+    None."""
     if all(r.token_logprobs is None for r in records):
         return None
     values = [
         np.full(len(r.tokens), np.nan, np.float32) if r.token_logprobs is None else r.token_logprobs
         for r in records
     ]
-    flat = np.concatenate([np.zeros(0, np.float32), *values]).astype(np.float16)
-    return flat.view(np.uint16).astype(np.int64)
+    return np.concatenate([np.zeros(0, np.float32), *values]).astype(np.float16).view(np.uint16)
 
 
 def records_to_table(
@@ -347,8 +368,10 @@ def records_to_table(
     if flat.k.size and flat.k.max() > np.iinfo(np.uint16).max:
         raise ValueError(f"top-k of {flat.k.max()} entries per position is more than a shard stores")
     samples = _flat_samples(records)
-    sample_ids = samples[1] if samples is not None else np.zeros(0, np.int64)
-    vocab_ids, ranks = frequency_ranks(np.concatenate([flat.tokens, flat.ids, sample_ids]))
+    sample_ids = samples[1] if samples is not None else np.zeros(0, np.int32)
+    # the flat arrays' teacher ids become shard ranks (in place: no second copy of the largest array)
+    ranks = frequency_ranks(flat.tokens, flat.ids, sample_ids, in_place=True)
+    vocab_ids, token_ranks, entry_ranks, sample_ranks = ranks
     try:
         vocab_lengths, vocab_data = vocab.table(vocab_ids)
     except KeyError as exc:
@@ -361,24 +384,15 @@ def records_to_table(
             or (r.sample_ids is not None and (r.sample_ids == bad).any())
         )
         raise ValueError(f"sample {owner}: teacher id {bad} is not in the teacher vocabulary") from None
-    token_ranks = ranks[: len(flat.tokens)]
-    entry_ranks = ranks[len(flat.tokens) : len(flat.tokens) + len(flat.ids)]
-    sample_ranks = ranks[len(flat.tokens) + len(flat.ids) :]
-
     starts = segment_starts(flat.k)
     width = int(flat.k.max()) if flat.k.size else 0
-    in_topk = np.full(len(flat.tokens), NOT_IN_TOPK, dtype=np.uint8)
-    if width:
-        column = np.arange(min(width, NOT_IN_TOPK))
-        gather = np.minimum(starts[:-1, None] + column[None, :], max(len(entry_ranks) - 1, 0))
-        match = (entry_ranks[gather] == token_ranks[:, None]) & (column[None, :] < flat.k[:, None])
-        found = match.any(axis=1)
-        in_topk[found] = match.argmax(axis=1)[found]
+    in_topk = np.empty(len(flat.tokens), dtype=np.uint8)  # first match in a position's first 255, or 255
+    first_match(entry_ranks, starts, token_ranks, NOT_IN_TOPK, NOT_IN_TOPK, in_topk)
     other = in_topk == NOT_IN_TOPK
 
     n_rows = flat.positions_per_row
     row_of_position = np.repeat(np.arange(len(records)), n_rows)
-    entries_per_row = np.bincount(row_of_position, weights=flat.k, minlength=len(records)).astype(np.int64)
+    entries_per_row = np.diff(starts[segment_starts(n_rows)])
     other_per_row = np.bincount(row_of_position[other], minlength=len(records))
     values, tail = encode_logprobs(codec, flat.logprobs, flat.k, params)
 
@@ -405,18 +419,18 @@ def records_to_table(
         "prompt_tokens": pa.array([int(r.prompt_tokens) for r in records], pa.int32()),
         "completion_tokens": pa.array([int(r.completion_tokens) for r in records], pa.int32()),
         "finish_reason": pa.array([r.finish_reason for r in records], pa.string()),
-        "token_rank": to_planes(in_topk.astype(np.int64), n_rows, 1),
+        "token_rank": to_planes(in_topk, n_rows, 1),
         "token_other": _list_array(token_ranks[other].astype(np.int32), other_per_row, pa.int32()),
-        "topk_k": to_planes(flat.k.astype(np.int64), n_rows, 2),
+        "topk_k": to_planes(flat.k, n_rows, 2),
         "topk_ids": to_planes(entry_ranks, entries_per_row, ID_PLANES),
         "topk_logprobs": (
-            to_planes(values.astype(np.int64), entries_per_row, CODE_PLANES)
+            to_planes(values, entries_per_row, CODE_PLANES)
             if codec == "q16"
             else _list_array(values, entries_per_row, _LOGPROB_TYPES[codec].value_type)
         ),
     }
     if tail is not None:
-        columns["topk_tail"] = to_planes(tail.astype(np.int64), n_rows, 2)
+        columns["topk_tail"] = to_planes(tail, n_rows, 2)
     columns["topk_logits"] = logits
     token_logprob = _flat_token_logprobs(records)
     if token_logprob is not None:

@@ -26,6 +26,7 @@ from teacher.check import describe_error
 from teacher.client import estimated_tokens, request_params
 from teacher.endpoints import Endpoint, EndpointPool, EndpointStats, dispatch
 from teacher.fragments import FragmentStats, repair, spells
+from teacher.heap import keep_freed_heap
 from teacher.inputs import WorkItem
 from teacher.parsing import (
     SENTINEL_LOGPROB,
@@ -353,7 +354,9 @@ def collect(
     The objects that exist before collection starts (modules, settings: hundreds of thousands in a process that
     imported numba, pyarrow and the openai client) are left out of the cyclic garbage collector's passes until it
     ends (``gc.freeze``): the answers' many short-lived objects set off full passes, which cost ~3 ms of CPU per
-    1,000-token answer over those objects (``benchmarks/collect.py --only cpu``, BENCHMARKS.md)."""
+    1,000-token answer over those objects (``benchmarks/collect.py --only cpu``, BENCHMARKS.md). The C heap
+    keeps freed memory for the next answer from then on (``teacher.heap``)."""
+    keep_freed_heap()
     gc.freeze()
     try:
         return asyncio.run(

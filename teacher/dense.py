@@ -25,18 +25,16 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.cpython.unsafe.numbers import trailing_zeros
+from numba.extending import intrinsic
 
 _OK, _GIVE_UP = 0, 1
 _KEY_LOGPROB = np.frombuffer(b"logprob", np.uint8)
 _KEY_RANK = np.frombuffer(b"rank", np.uint8)
 _KEY_DECODED = np.frombuffer(b"decoded_token", np.uint8)
-# The same keys as vLLM spells them (compact JSON), quotes and colon included: matched at once.
-_LOGPROB_COLON = np.frombuffer(b'"logprob":', np.uint8)
-_RANK_COLON = np.frombuffer(b'"rank":', np.uint8)
-_DECODED_COLON = np.frombuffer(b'"decoded_token":', np.uint8)
 _LOGPROB, _RANK, _DECODED = 0, 1, 2
-_TOKEN_ID = np.frombuffer(b"token_id:", np.uint8)
 # The bulky array of each answer shape: its key, and where it sits in the decoded body. Tried in this order (a
 # chat answer's many "top_logprobs" are told from echo's one at the second). A chat answer's ``"content":``
 # appears twice (``message.content`` too): its array is the one followed by ``[``.
@@ -191,9 +189,78 @@ def decoded_array(value: Any) -> Any:
 
 
 # ---- scanning the bulky arrays --------------------------------------------------------------------------------
+#
+# The scanners and their helpers are compiled without numba's reference counting (``_nrt=False``: they allocate
+# nothing, and the caller holds the arrays): with it, every call of a helper that takes an array counted a
+# reference up and down (two atomic operations), inlined or not, and the counts kept LLVM from inlining the
+# helper. So the scanners make no calls at all: LLVM inlines the smallest helpers (``_ws``, ``_is``,
+# ``_is_null``), numba the others (``_inlined``; inlining by numba makes the first compile slower, ~8 s, so it is
+# kept to those LLVM leaves alone). A scanner slower than before may have lost an inlining: ``inspect_llvm``
+# lists its calls.
+
+_scanner = njit(cache=True, nogil=True, _nrt=False)
+_inlined = njit(cache=True, nogil=True, _nrt=False, inline="always")
 
 
-@njit(cache=True, nogil=True)
+@intrinsic
+def _word(typingctx, buf, i):
+    """The 8 bytes at ``buf[i]`` as one little-endian uint64, unchecked: the caller makes sure that
+    ``i + 8 <= len(buf)``. Compared with a ``_spelled`` constant, it matches 8 bytes at once; ``_digit_run`` and
+    ``_digits_value`` read 8 digits at once."""
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        return builder.load(
+            builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(64).as_pointer()), align=1
+        )
+
+    return types.uint64(buf, types.intp), codegen
+
+
+@intrinsic
+def _put_word(typingctx, out, i, word):
+    """Store the uint64 ``word`` at ``out[i:i + 8]``, unchecked."""
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        builder.store(
+            args[2], builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(64).as_pointer()), align=1
+        )
+        return context.get_dummy_value()
+
+    return types.none(out, types.intp, types.uint64), codegen
+
+
+def _spelled(text: bytes) -> np.uint64:
+    """The ``_word`` of ``text`` (at most 8 bytes, the rest zero)."""
+    return np.uint64(int.from_bytes(text, "little"))
+
+
+_ZEROS, _LOW_7_BITS, _ADD_118, _HIGH_BITS = (_spelled(bytes([c] * 8)) for c in (0x30, 0x7F, 0x76, 0x80))
+_SEVEN_BYTES = _spelled(b"\xff" * 7)
+_3, _6, _8, _16, _32 = np.uint64(3), np.uint64(6), np.uint64(8), np.uint64(16), np.uint64(32)
+_TEN, _EVEN_BYTES = np.uint64(10), np.uint64(0x000000FF000000FF)
+_100_1000000, _1_10000 = np.uint64(100 + (1000000 << 32)), np.uint64(1 + (10000 << 32))
+_W_TOKEN_ID = _spelled(b"token_id")
+# The keys as vLLM spells them (compact JSON), quotes and colon included: matched at once.
+_W_LOGPROB, _W_OGPROB_COLON = _spelled(b'"logprob'), _spelled(b'ogprob":')
+_W_RANK_COLON = _spelled(b'"rank":')
+_W_DECODED, _W_TOKEN_COLON = _spelled(b'"decoded'), _spelled(b'_token":')
+
+
+@_inlined
+def _padded_word(buf, i):
+    """``_word``, those of the 8 bytes past the end of ``buf`` read as 0."""
+    n = buf.shape[0]
+    if i + 8 <= n:
+        return _word(buf, i)
+    word = np.uint64(0)
+    for j in range(i, n):
+        word |= np.uint64(buf[j]) << np.uint64(8 * (j - i))
+    return word
+
+
+@_scanner
 def _ws(buf, i):
     n = buf.shape[0]
     while i < n and (buf[i] == 32 or buf[i] == 9 or buf[i] == 10 or buf[i] == 13):
@@ -201,7 +268,7 @@ def _ws(buf, i):
     return i
 
 
-@njit(cache=True, nogil=True)
+@_scanner
 def _is(buf, start, end, key):
     if end - start != key.shape[0]:
         return False
@@ -211,67 +278,110 @@ def _is(buf, start, end, key):
     return True
 
 
-@njit(cache=True, nogil=True)
-def _digits(buf, i, end):
-    """The non-negative integer spelled by ``buf[i:end]`` (-1: not only digits, or none, or too long)."""
-    if end <= i or end - i > 18:
-        return -1
+@_inlined
+def _digit_run(buf, i):
+    """How many digits start at ``buf[i]``. Eight bytes at a time: ``t`` holds their distances from ``0``, and
+    the high bit of each byte of ``other`` is set where one is above 9 (the add carries into no other byte), so
+    a run of digits costs no branch per digit."""
+    n = buf.shape[0]
+    j = i
+    while j + 8 <= n:
+        t = _word(buf, j) ^ _ZEROS
+        other = (((t & _LOW_7_BITS) + _ADD_118) | t) & _HIGH_BITS
+        if other:
+            return j - i + np.int64(trailing_zeros(other) >> _3)
+        j += 8
+    while j < n and 48 <= buf[j] <= 57:
+        j += 1
+    return j - i
+
+
+@_inlined
+def _fraction_run(buf, i):
+    """``_digit_run`` for the fraction of a logprob (15 to 17 digits, mostly): 24 bytes at once, where the loop
+    of ``_digit_run`` would end after two or three words, a mispredicted branch every other number. ``z`` is 64
+    for a word of digits only (``z >> 6`` is 1 then, else 0): the run ends ``z1``, 64 + ``z2`` or 128 + ``z3``
+    bits in, picked without a branch."""
+    n = buf.shape[0]
+    if i + 24 > n:
+        return _digit_run(buf, i)
+    t1, t2, t3 = _word(buf, i) ^ _ZEROS, _word(buf, i + 8) ^ _ZEROS, _word(buf, i + 16) ^ _ZEROS
+    z1 = trailing_zeros((((t1 & _LOW_7_BITS) + _ADD_118) | t1) & _HIGH_BITS)
+    z2 = trailing_zeros((((t2 & _LOW_7_BITS) + _ADD_118) | t2) & _HIGH_BITS)
+    z3 = trailing_zeros((((t3 & _LOW_7_BITS) + _ADD_118) | t3) & _HIGH_BITS)
+    if z1 & z2 & z3 == 64:  # 24 digits
+        return 24 + _digit_run(buf, i + 24)
+    return np.int64((z1 + (z1 >> _6) * (z2 + (z2 >> _6) * z3)) >> _3)
+
+
+@_inlined
+def _digits_value(buf, i, count):
+    """The integer spelled by the ``count`` (1 to 18) digits at ``buf[i]``. Up to 8 of them at once: shifted to
+    the top of a word (after as many zeros), their bytes are summed by pairs, then the pairs, then the
+    quadruples, each by one multiply."""
+    if count <= 8 and i + 8 <= buf.shape[0]:
+        t = (_word(buf, i) ^ _ZEROS) << np.uint64(64 - 8 * count)
+        t = t * _TEN + (t >> _8)
+        return np.int64(((t & _EVEN_BYTES) * _100_1000000 + ((t >> _16) & _EVEN_BYTES) * _1_10000) >> _32)
     value = 0
-    for j in range(i, end):
-        c = buf[j]
-        if c < 48 or c > 57:
-            return -1
-        value = value * 10 + (c - 48)
+    for j in range(i, i + count):
+        value = value * 10 + (buf[j] - 48)
     return value
 
 
-@njit(cache=True, nogil=True)
+@_inlined
 def _copy_number(buf, i, numbers, o):
     """Copy the JSON number at ``buf[i]`` to ``numbers[o]``; (index after it, new o), or (-1, o) when none
     starts there (what JSON does not spell a number: ``+1``, ``01``, ``.5``, ``1.``), or for ``-0``, an integer
-    JSON reads as 0 where a float parser keeps the sign. One pass: ``part`` is 0 before the digits, 1 in the
-    integer part, 2 after ``.``, 3 after ``e``, 4 after its sign; ``digits`` counts the current part's."""
+    JSON reads as 0 where a float parser keeps the sign. Copied as three words when it fits (a float's 17
+    digits, sign, point and exponent take at most 24 bytes) and both arrays have room for them."""
     n = buf.shape[0]
     j = i + 1 if i < n and buf[i] == 45 else i
-    part = digits = 0
-    leading_zero = False
-    while j < n:
-        c = buf[j]
-        if 48 <= c <= 57:
-            if part == 0:
-                part, leading_zero = 1, c == 48
-            elif part == 1 and leading_zero:
-                return -1, o  # 01
-            digits += 1
-        elif c == 46 and part == 1:
-            part, digits = 2, 0
-        elif (c == 101 or c == 69) and (part == 1 or part == 2) and digits:
-            part, digits = 3, 0
-        elif (c == 43 or c == 45) and part == 3 and not digits:
-            part = 4
-        else:
-            break
+    count = _digit_run(buf, j)
+    if count == 0 or (count > 1 and buf[j] == 48):
+        return -1, o  # no digits, or 01
+    j += count
+    integer = j
+    if j < n and buf[j] == 46:
+        count = _fraction_run(buf, j + 1)
+        if count == 0:
+            return -1, o  # 1.
+        j += 1 + count
+    if j < n and (buf[j] == 101 or buf[j] == 69):
         j += 1
-    if part == 0 or not digits or (part == 1 and leading_zero and buf[i] == 45):
-        return -1, o  # no digits, a part left empty (1., 1e), or -0
-    for m in range(i, j):
-        numbers[o] = buf[m]
-        o += 1
-    return j, o
+        if j < n and (buf[j] == 43 or buf[j] == 45):
+            j += 1
+        count = _digit_run(buf, j)
+        if count == 0:
+            return -1, o  # 1e
+        j += count
+    elif j == integer and j - i == 2 and buf[i] == 45 and buf[i + 1] == 48:
+        return -1, o  # -0
+    size = j - i
+    if size <= 24 and i + 24 <= n and o + 24 <= numbers.shape[0]:
+        _put_word(numbers, o, _word(buf, i))
+        _put_word(numbers, o + 8, _word(buf, i + 8))
+        _put_word(numbers, o + 16, _word(buf, i + 16))
+    else:
+        for m in range(size):
+            numbers[o + m] = buf[i + m]
+    return j, o + size
 
 
-@njit(cache=True, nogil=True)
+@_inlined
 def _token_id_string(buf, i):
-    """(id, index after) of the string ``"token_id:N"`` at ``buf[i]`` ((-1, i): another string)."""
-    end = _string_end(buf, i)
-    if end < 0 or end - i - 2 < _TOKEN_ID.shape[0] + 1:
+    """(id, index after) of the string ``"token_id:N"`` at ``buf[i]`` (N: 1 to 18 digits), else (-1, i)."""
+    n = buf.shape[0]
+    if i + 10 > n or _word(buf, i + 1) != _W_TOKEN_ID or buf[i + 9] != 58:
         return -1, i
-    if not _is(buf, i + 1, i + 1 + _TOKEN_ID.shape[0], _TOKEN_ID):
+    count = _digit_run(buf, i + 10)
+    end = i + 10 + count
+    if count == 0 or count > 18 or end >= n or buf[end] != 34:
         return -1, i
-    return _digits(buf, i + 1 + _TOKEN_ID.shape[0], end - 1), end
+    return _digits_value(buf, i + 10, count), end + 1
 
 
-@njit(cache=True, nogil=True)
+@_scanner
 def scan_prompt_logprobs(buf, start, pos, ids, ranks, numbers, ends, nulls):
     """vLLM ``prompt_logprobs`` at ``buf[start]``: ``[null | {"<id>": {"logprob": x, "rank": r | null,
     "decoded_token": "token_id:N" | null}, ...}, ...]``. Fills one row per entry (position, id, rank or -1, where
@@ -298,13 +408,11 @@ def scan_prompt_logprobs(buf, start, pos, ids, ranks, numbers, ends, nulls):
                 while True:  # entries "<id>": {...}
                     if i >= n or buf[i] != 34:
                         return _GIVE_UP, -1, 0, 0, 0
-                    j, token = i + 1, 0
-                    while j < n and 48 <= buf[j] <= 57 and j - i <= 18:
-                        token = token * 10 + (buf[j] - 48)
-                        j += 1
-                    if j == i + 1 or j >= n or buf[j] != 34:
+                    count = _digit_run(buf, i + 1)
+                    if count == 0 or count > 18 or i + 1 + count >= n or buf[i + 1 + count] != 34:
                         return _GIVE_UP, -1, 0, 0, 0  # not only digits (or none, or too many)
-                    i = _ws(buf, j + 1)
+                    token = _digits_value(buf, i + 1, count)
+                    i = _ws(buf, i + 2 + count)
                     if i >= n or buf[i] != 58:
                         return _GIVE_UP, -1, 0, 0, 0
                     i = _ws(buf, i + 1)
@@ -313,11 +421,12 @@ def scan_prompt_logprobs(buf, start, pos, ids, ranks, numbers, ends, nulls):
                     i = _ws(buf, i + 1)
                     rank, has_logprob = -1, False
                     while True:  # fields
-                        if i + 16 <= n and _is(buf, i, i + 10, _LOGPROB_COLON):  # compact: read at once
+                        word = _word(buf, i) if i + 16 <= n else np.uint64(0)  # compact keys: read at once
+                        if word == _W_LOGPROB and _word(buf, i + 2) == _W_OGPROB_COLON:
                             key, i = _LOGPROB, _ws(buf, i + 10)
-                        elif i + 16 <= n and _is(buf, i, i + 7, _RANK_COLON):
+                        elif word & _SEVEN_BYTES == _W_RANK_COLON:
                             key, i = _RANK, _ws(buf, i + 7)
-                        elif i + 16 <= n and _is(buf, i, i + 16, _DECODED_COLON):
+                        elif word == _W_DECODED and _word(buf, i + 8) == _W_TOKEN_COLON:
                             key, i = _DECODED, _ws(buf, i + 16)
                         else:
                             if i >= n or buf[i] != 34:
@@ -357,13 +466,11 @@ def scan_prompt_logprobs(buf, start, pos, ids, ranks, numbers, ends, nulls):
                             if is_null:
                                 i += 4
                             else:
-                                j = i
-                                while j < n and 48 <= buf[j] <= 57:
-                                    j += 1
-                                rank = _digits(buf, i, j)
-                                if rank < 0:
+                                count = _digit_run(buf, i)
+                                if count == 0 or count > 18:
                                     return _GIVE_UP, -1, 0, 0, 0
-                                i = j
+                                rank = _digits_value(buf, i, count)
+                                i += count
                         elif is_null:
                             i += 4
                         else:
@@ -405,7 +512,7 @@ def scan_prompt_logprobs(buf, start, pos, ids, ranks, numbers, ends, nulls):
     return _GIVE_UP, -1, 0, 0, 0
 
 
-@njit(cache=True, nogil=True)
+@_scanner
 def scan_top_logprobs(buf, start, pos, ids, numbers, ends, nulls):
     """Legacy completions' ``top_logprobs`` of a token-id answer: ``[null | {"token_id:N": x, ...}, ...]``.
     Same outputs as ``scan_prompt_logprobs`` (no ranks)."""
@@ -463,7 +570,7 @@ def scan_top_logprobs(buf, start, pos, ids, numbers, ends, nulls):
     return _GIVE_UP, -1, 0, 0, 0
 
 
-@njit(cache=True, nogil=True)
+@_scanner
 def _is_null(buf, i):
     return (
         i + 4 <= buf.shape[0]
@@ -474,42 +581,40 @@ def _is_null(buf, i):
     )
 
 
-# The keys of chat logprob objects, and how they are spelled.
+# The keys of chat logprob objects; compact, with their colon: matched at once.
 _CHAT_TOKEN, _CHAT_LOGPROB, _CHAT_BYTES, _CHAT_TOP = 0, 1, 2, 3
-_CHAT_KEY_TOKEN = b'"token"'
-_CHAT_KEY_LOGPROB = b'"logprob"'
-_CHAT_KEY_BYTES = b'"bytes"'
-_CHAT_KEY_TOP = b'"top_logprobs"'
+_W_TOKEN, _W_BYTES = _spelled(b'"token"'), _spelled(b'"bytes"')
+_W_LOGPROB_QUOTE, _W_TOP_LOG, _W_OGPROBS = _spelled(b'logprob"'), _spelled(b'"top_log'), _spelled(b'ogprobs"')
+_W_TOKEN_KEY, _W_BYTES_KEY = _spelled(b'"token":'), _spelled(b'"bytes":')
 
 
-@njit(cache=True, nogil=True)
+@_inlined
 def _chat_key(buf, i):
-    """(which ``_CHAT_*`` key starts at ``buf[i]``, the index after it); (-1, -1): another key (escapes
-    included) or none. Compared byte by byte with bytes constants: picking one of several constant arrays for
-    ``_is`` compiles to reference counting on every call."""
-    n = buf.shape[0]
-    if i + 3 >= n or buf[i] != 34:
-        return -1, -1
-    c = buf[i + 1]
-    if c == 116 and buf[i + 3] == 107:  # "tok
-        which, key = _CHAT_TOKEN, _CHAT_KEY_TOKEN
-    elif c == 116:
-        which, key = _CHAT_TOP, _CHAT_KEY_TOP
-    elif c == 108:
-        which, key = _CHAT_LOGPROB, _CHAT_KEY_LOGPROB
-    elif c == 98:
-        which, key = _CHAT_BYTES, _CHAT_KEY_BYTES
+    """(which ``_CHAT_*`` key starts at ``buf[i]``, where its value starts: after the colon); (-1, -1): another
+    key (escapes included), none, or no colon after it. The compact spellings (``"token":``) are tried first."""
+    word = _padded_word(buf, i)
+    if word == _W_TOKEN_KEY:
+        return _CHAT_TOKEN, _ws(buf, i + 8)
+    if word == _W_LOGPROB and _padded_word(buf, i + 2) == _W_OGPROB_COLON:
+        return _CHAT_LOGPROB, _ws(buf, i + 10)
+    if word == _W_BYTES_KEY:
+        return _CHAT_BYTES, _ws(buf, i + 8)
+    if word & _SEVEN_BYTES == _W_TOKEN:
+        which, i = _CHAT_TOKEN, _ws(buf, i + 7)
+    elif word == _W_LOGPROB and _padded_word(buf, i + 1) == _W_LOGPROB_QUOTE:
+        which, i = _CHAT_LOGPROB, _ws(buf, i + 9)
+    elif word & _SEVEN_BYTES == _W_BYTES:
+        which, i = _CHAT_BYTES, _ws(buf, i + 7)
+    elif word == _W_TOP_LOG and _padded_word(buf, i + 6) == _W_OGPROBS:
+        which, i = _CHAT_TOP, _ws(buf, i + 14)
     else:
         return -1, -1
-    if i + len(key) > n:
+    if i >= buf.shape[0] or buf[i] != 58:
         return -1, -1
-    for j in range(len(key)):
-        if buf[i + j] != key[j]:
-            return -1, -1
-    return which, i + len(key)
+    return which, _ws(buf, i + 1)
 
 
-@njit(cache=True, nogil=True)
+@_inlined
 def _byte_list_end(buf, i):
     """The index after the list of integers 0..255 at ``buf[i] == '['`` (-1: anything else)."""
     n = buf.shape[0]
@@ -517,13 +622,12 @@ def _byte_list_end(buf, i):
     if i < n and buf[i] == 93:
         return i + 1
     while True:
-        j = i
-        while j < n and 48 <= buf[j] <= 57:
-            j += 1
-        value = _digits(buf, i, j)
-        if value < 0 or value > 255 or (buf[i] == 48 and j - i > 1):  # JSON spells no leading zero
+        count = _digit_run(buf, i)
+        if count == 0 or count > 3 or (count > 1 and buf[i] == 48):  # JSON spells no leading zero
             return -1
-        i = _ws(buf, j)
+        if _digits_value(buf, i, count) > 255:
+            return -1
+        i = _ws(buf, i + count)
         if i < n and buf[i] == 44:
             i = _ws(buf, i + 1)
         elif i < n and buf[i] == 93:
@@ -535,7 +639,7 @@ def _byte_list_end(buf, i):
 _OBJECT, _FIELD, _AFTER_VALUE = 0, 1, 2  # where scan_chat_content is: an object's start, a key, after a value
 
 
-@njit(cache=True, nogil=True)
+@_scanner
 def scan_chat_content(buf, start, pos, ids, numbers, ends, tokens, token_numbers, token_ends):
     """Chat ``logprobs.content`` of a token-id answer at ``buf[start]``: ``[{"token": "token_id:N", "logprob": x,
     "bytes": [...] | null, "top_logprobs": [{"token", "logprob", "bytes"}, ...] | null}, ...]`` (fields in any
@@ -544,8 +648,8 @@ def scan_chat_content(buf, start, pos, ids, numbers, ends, tokens, token_numbers
     ``token_numbers`` (ending at ``token_ends[p]``), and its top entries as ``scan_top_logprobs``. Returns (status, index after the array,
     positions, entries, bytes of numbers, bytes of token numbers).
 
-    One loop reads both levels (a content entry, an entry of its ``top_logprobs``): a helper per object or
-    field, called from two places, is not inlined, and its reference counting made the scan twice as slow."""
+    One loop reads both levels (a content entry, an entry of its ``top_logprobs``): each helper is inlined
+    where it is called, so a helper per object or field, called from two places, would double the code."""
     n = buf.shape[0]
     i = _ws(buf, start)
     if i >= n or buf[i] != 91:
@@ -568,10 +672,6 @@ def scan_chat_content(buf, start, pos, ids, numbers, ends, tokens, token_numbers
             which, i = _chat_key(buf, i)
             if which < 0 or seen & (1 << which) or (inner and which == _CHAT_TOP):
                 return _GIVE_UP, -1, 0, 0, 0, 0  # another key (logits, samples...), or a duplicate one
-            i = _ws(buf, i)
-            if i >= n or buf[i] != 58:
-                return _GIVE_UP, -1, 0, 0, 0, 0
-            i = _ws(buf, i + 1)
             seen |= 1 << which
             state = _AFTER_VALUE
             if which == _CHAT_TOKEN:
@@ -599,6 +699,8 @@ def scan_chat_content(buf, start, pos, ids, numbers, ends, tokens, token_numbers
                 return _GIVE_UP, -1, 0, 0, 0, 0
             if i < 0:
                 return _GIVE_UP, -1, 0, 0, 0, 0
+            if state == _AFTER_VALUE and i < n and buf[i] == 44:  # compact: the next key at once
+                i, state = _ws(buf, i + 1), _FIELD
         else:
             i = _ws(buf, i)
             if i < n and buf[i] == 44:
@@ -628,21 +730,26 @@ def top_rows(positions, pos, ids, values, ranks, k, floor, repeats=False):
     """Per position: its entries with a logprob above ``floor`` and a rank within ``k`` (or none), sorted by
     decreasing logprob (ties in arrival order), the first ``k``. Returns (ids [P, K], logprobs [P, K]), K the
     widest row (at least 1), or a (0, 0) pair when an id repeats within a position (a duplicate JSON key),
-    unless ``repeats`` (entries of a list, kept as they come)."""
+    unless ``repeats`` (entries of a list, kept as they come). Ids are the scanners' digits (>= 0); a repeat is
+    found by stamping each id with its position (``last_seen``), not by comparing every pair of entries."""
     starts = np.zeros(positions + 1, np.int64)
+    top_id = 0
     for e in range(pos.shape[0]):
         starts[pos[e] + 1] += 1
+        top_id = max(top_id, ids[e])
     for p in range(positions):
         starts[p + 1] += starts[p]
+    last_seen = np.zeros(0 if repeats else top_id + 1, np.int32)  # 1 + the last position listing each id
     width = 1
     kept = np.empty(pos.shape[0], np.int64)
     counts = np.zeros(positions, np.int64)
     for p in range(positions):
         m = 0
         for e in range(starts[p], starts[p + 1]):
-            for f in range(starts[p], starts[p] if repeats else e):
-                if ids[f] == ids[e]:
+            if not repeats:
+                if last_seen[ids[e]] == p + 1:
                     return np.empty((0, 0), np.int32), np.empty((0, 0), np.float64)
+                last_seen[ids[e]] = p + 1
             if values[e] > floor and (ranks[e] < 0 or ranks[e] <= k):
                 j = starts[p] + m  # insertion sort, stable: after every entry with a logprob >= this one's
                 while j > starts[p] and values[kept[j - 1]] < values[e]:

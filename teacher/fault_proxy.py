@@ -16,7 +16,8 @@ must exhaust the client's retries). Faults: ``429`` (with Retry-After), ``500``,
 ``html502`` (a gateway's HTML error page, as nginx sends when its upstream fails). ``latency_s`` delays every
 forwarded POST.
 ``"fail_after": N`` gives every POST after the first N the fault ``fail_with`` (default ``"503"``): a replica
-that dies midway.
+that dies midway. ``"gzip": true`` sends every forwarded 200 body gzip-compressed (``content-encoding: gzip``), as
+a gateway in front of a teacher may.
 
 ``GET /_proxy/stats`` answers the counts and the prompts that were forwarded upstream, so tests can check what
 the teacher was asked. It prints ``fault_proxy listening on http://127.0.0.1:PORT`` once ready.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import logging
 import signal
@@ -56,6 +58,7 @@ class Plan:
     latency_s: float = 0.0  # added to every forwarded POST (paces a run, e.g. to kill it midway)
     fail_after: int | None = None  # POSTs after the first fail_after all get fail_with
     fail_with: str = "503"
+    gzip: bool = False  # forwarded 200 bodies sent with content-encoding: gzip
 
     @classmethod
     def load(cls, text: str) -> Plan:
@@ -157,6 +160,8 @@ class FaultProxy:
                 choice["logprobs"] = None
                 choice.pop("prompt_logprobs", None)
             body = json.dumps(data).encode()
+        if status == 200 and self.plan.gzip:
+            headers, body = {**headers, "content-encoding": "gzip"}, gzip.compress(body, compresslevel=1)
         return status, headers, body
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

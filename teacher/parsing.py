@@ -122,7 +122,7 @@ class DenseTokens(Sequence[Token]):
         path then handles them, with ``teacher.fragments``)."""
         if len(ids) and min(ids) < 0:
             return None
-        data = [resolve(t) for t in ids]
+        data = list(map(resolve, ids))
         if not all(data):
             return None
         return cls(np.asarray(ids, np.int64), logprobs, data)
@@ -355,9 +355,10 @@ def _dense_completion_tokens(
     if top is None:
         return None
     token_ids = token_id_names(names)
-    if token_ids is None or not all(v is None or type(v) in (float, int) for v in values):
+    if token_ids is None or not set(map(type, values)) <= {float, int, type(None)}:
         return None
-    logprobs = np.array([SENTINEL_LOGPROB if v is None else v for v in values], np.float64)
+    logprobs = np.array(values, np.float64)  # None reads as NaN, which JSON cannot spell
+    logprobs[np.isnan(logprobs)] = SENTINEL_LOGPROB
     if not np.all((logprobs <= LOGPROB_TOLERANCE) | (logprobs == -np.inf)):
         return None
     tokens = DenseTokens.resolved(token_ids, np.minimum(logprobs, 0.0), resolve)
@@ -580,7 +581,7 @@ def token_id_names(names: list) -> list[int] | None:
         ids = orjson.loads("[" + joined.replace("token_id:", "") + "]")
     except orjson.JSONDecodeError:
         return None
-    return ids if len(ids) == n and all(type(i) is int for i in ids) else None
+    return ids if len(ids) == n and set(map(type, ids)) <= {int} else None  # no bool, float or list
 
 
 def _echoed_ids(choice: dict, n: int) -> list[int] | None:

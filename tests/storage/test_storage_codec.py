@@ -93,6 +93,20 @@ def test_frequency_ranks_counting_and_sorting_paths_agree():
     assert len(order) == len(ranks) == 0
 
 
+@pytest.mark.parametrize("scale", [1, 10**7])  # counted by id / sorted
+def test_frequency_ranks_of_parts_as_of_their_concatenation(scale):
+    rng = np.random.default_rng(1)
+    parts = [(rng.zipf(1.3, size=n) % 500 * scale).astype(np.int64) for n in (30, 2000, 0, 7)]
+    order, ranks = frequency_ranks(np.concatenate(parts))
+    got_order, *got_ranks = frequency_ranks(*parts)
+    assert got_order.tolist() == order.tolist()
+    assert np.concatenate(got_ranks).tolist() == ranks.tolist()
+    copies = [p.copy() for p in parts]
+    got_order, *got_ranks = frequency_ranks(*copies, in_place=True)
+    assert all(np.shares_memory(g, c) for g, c in zip(got_ranks, copies, strict=True) if c.size)
+    assert np.concatenate(copies).tolist() == ranks.tolist()
+
+
 @pytest.mark.parametrize("presorted", [True, False])
 def test_sort_positions_sorts_rows_and_counts_entries(presorted):
     rng = np.random.default_rng(1)

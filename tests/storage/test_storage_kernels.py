@@ -4,21 +4,29 @@ import numpy as np
 import pytest
 
 from storage.codec import (
+    OPENAI_SENTINEL,
     TAIL_NONE,
     Q16Params,
     code_tables,
+    concat_ranges,
     encode_codes,
     encode_q16,
     segment_ids,
     segment_starts,
 )
 from storage.kernels import (
+    copy_prefixes,
+    count_values,
     decode_q16_entries,
     equal_strings,
+    first_match,
+    gather_ranges,
     gather_rows,
     interleave_planes,
     lookup,
     pack_rows,
+    split_planes,
+    topk_counts,
 )
 
 
@@ -178,3 +186,75 @@ def test_encode_q16_matches_numpy(params, dtype):
     assert deltas.dtype == np.uint16 and tail.dtype == np.uint16
     assert np.array_equal(deltas, expected_deltas)
     assert np.array_equal(tail, expected_tail)
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3])
+def test_split_planes(planes):
+    rng = np.random.default_rng(planes)
+    values = rng.integers(0, 1 << (8 * planes), size=1001).astype(np.int32)
+    out = np.empty((planes, len(values)), np.uint8)
+    assert split_planes(values, out) == values.max()
+    expected = values.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :planes].T
+    assert np.array_equal(out, expected)
+    assert split_planes(np.zeros(0, np.uint16), np.empty((2, 0), np.uint8)) == -1
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_topk_counts_and_copy_prefixes(shuffled):
+    """Counts and order as ``sort_positions`` sees them: padding (-1 id, -inf, NaN, the sentinel) anywhere."""
+    rng = np.random.default_rng(4)
+    logprobs = -np.sort(rng.exponential(size=(60, 7)), axis=1).astype(np.float32)
+    ids = rng.integers(0, 100, size=(60, 7)).astype(np.int32)
+    k = rng.integers(0, 8, size=60)
+    pad = np.arange(7)[None, :] >= k[:, None]
+    ids[pad], logprobs[pad] = -1, -np.inf
+    logprobs[5, 6], logprobs[9, 6] = OPENAI_SENTINEL, np.nan
+    if shuffled:
+        ids[::3], logprobs[::3] = ids[::3, ::-1], logprobs[::3, ::-1]
+    valid = (ids >= 0) & np.isfinite(logprobs) & (logprobs > OPENAI_SENTINEL)
+    key = np.where(valid, logprobs, -np.inf)
+    got = np.empty(60, np.int64)
+    assert topk_counts(ids, logprobs, OPENAI_SENTINEL, got) == (key[:, 1:] <= key[:, :-1]).all()
+    assert got.tolist() == valid.sum(axis=1).tolist()
+    out = np.full(valid.sum() + 3, 7, np.int64)
+    assert copy_prefixes(ids, got, out, 3) == len(out)
+    prefix = np.arange(7)[None, :] < got[:, None]
+    assert out[:3].tolist() == [7, 7, 7] and out[3:].tolist() == ids[prefix].tolist()
+
+
+def test_count_values():
+    rng = np.random.default_rng(5)
+    values = rng.integers(0, 300, size=5000).astype(np.int32)
+    counts = np.ones(310, np.int64)
+    count_values(values, counts)
+    assert np.array_equal(counts, np.bincount(values, minlength=310) + 1)
+
+
+def test_first_match():
+    rng = np.random.default_rng(6)
+    k = rng.integers(0, 12, size=400)
+    k[0] = 300  # past the limit
+    offsets = segment_starts(k)
+    values = rng.integers(0, 8, size=int(offsets[-1]))
+    targets = rng.integers(0, 9, size=len(k))
+    targets[0] = values[260]
+    values[:260][values[:260] == targets[0]] = 99  # position 0's only match is its entry 260
+    out = np.empty(len(k), np.uint8)
+    first_match(values, offsets, targets, 255, 255, out)
+    expected = [
+        next((j for j in range(min(n, 255)) if values[s + j] == t), 255)
+        for s, n, t in zip(offsets[:-1], k, targets, strict=True)
+    ]
+    assert out.tolist() == expected and out[0] == 255
+
+
+def test_gather_ranges():
+    rng = np.random.default_rng(7)
+    data = rng.integers(0, 256, size=1000).astype(np.uint8)
+    starts = rng.integers(0, 990, size=200)
+    lengths = rng.integers(0, 11, size=200)
+    out = np.empty(int(lengths.sum()), np.uint8)
+    gather_ranges(data, starts, lengths, out)
+    assert np.array_equal(out, data[concat_ranges(starts, lengths)])
+    with pytest.raises(IndexError):
+        gather_ranges(data, np.array([995]), np.array([10]), np.empty(10, np.uint8))

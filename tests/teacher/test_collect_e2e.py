@@ -10,7 +10,7 @@ from storage.records import TeacherVocab, TopKRecord
 from teacher.collect import CollectResult, collect
 from teacher.inputs import WorkItem
 from teacher.settings import TeacherSettings
-from tests.teacher.conftest import PLANTED_KEY, PROMPTS, Teacher
+from tests.teacher.conftest import PLANTED_KEY, PROMPTS, Teacher, fault_proxy
 
 MODES = [
     ("score", "completions", "prompt_logprobs"),
@@ -21,14 +21,14 @@ MODES = [
 
 
 def run(
-    teacher: Teacher, items: list[WorkItem], **overrides
+    teacher: Teacher, items: list[WorkItem], base_url: str | None = None, **overrides
 ) -> tuple[list[TopKRecord], TeacherVocab, CollectResult]:
     defaults = {"model": "local-teacher", "max_tokens": 6, "concurrency": 4, "timeout_s": 60}
     settings = TeacherSettings(**{**defaults, **overrides})
     records: list[TopKRecord] = []
     vocab = TeacherVocab()
     result = collect(
-        items, settings, teacher.base_url, PLANTED_KEY, set(), lambda rs, v: records.extend(rs),
+        items, settings, base_url or teacher.base_url, PLANTED_KEY, set(), lambda rs, v: records.extend(rs),
         vocab=vocab, progress=False, resolve=teacher.tokenizer.token_bytes,
     )  # fmt: skip
     return records, vocab, result
@@ -109,19 +109,16 @@ def test_raw_logits_extension(teacher: Teacher, mode: str, api: str, score_api: 
         np.testing.assert_allclose(shift - shift[:, :1], 0.0, atol=1e-3)
 
 
+# One request at a time: the local server's batches then have the same shapes, and its numbers the same bits.
+ONE_AT_A_TIME = {"top_k": 5, "temperature": 0.0, "concurrency": 1}
+
+
 @pytest.mark.parametrize(("mode", "api", "score_api"), MODES)
 def test_both_http_transports_store_the_same(teacher: Teacher, mode: str, api: str, score_api: str) -> None:
     """``teacher.http_transport``: aiohttp (the default) and httpx (the SDK's own) give the same records. One
     request at a time: the server's batches then have the same shapes, and its numbers the same bits."""
     items = [WorkItem(prompt=p) for p in PROMPTS[:3]]
-    common = {
-        "mode": mode,
-        "api": api,
-        "score_api": score_api,
-        "top_k": 5,
-        "temperature": 0.0,
-        "concurrency": 1,
-    }
+    common = {"mode": mode, "api": api, "score_api": score_api, **ONE_AT_A_TIME}
     by_transport = {}
     for transport in ("aiohttp", "httpx"):
         records, vocab, result = run(teacher, items, http_transport=transport, **common)
@@ -130,3 +127,23 @@ def test_both_http_transports_store_the_same(teacher: Teacher, mode: str, api: s
             (r.sample_id, spell(r, vocab), r.topk_logprobs.tobytes(), r.text) for r in records
         )
     assert by_transport["aiohttp"] == by_transport["httpx"]
+
+
+@pytest.mark.parametrize(("mode", "api", "score_api"), MODES)
+def test_gzip_bodies_are_decoded_by_both_transports(
+    teacher: Teacher, mode: str, api: str, score_api: str
+) -> None:
+    """A gateway that gzips the answers (``content-encoding: gzip``, the fault proxy's ``gzip``): both transports
+    store what they store without it (the aiohttp one reads each body whole and leaves decoding to httpx)."""
+    items = [WorkItem(prompt=p) for p in PROMPTS[:3]]
+    common = {"mode": mode, "api": api, "score_api": score_api, **ONE_AT_A_TIME}
+    direct, vocab, _ = run(teacher, items, **common)
+    expected = sorted((r.sample_id, spell(r, vocab), r.topk_logprobs.tobytes()) for r in direct)
+    with fault_proxy(teacher.origin, {"gzip": True}) as proxy:
+        for transport in ("aiohttp", "httpx"):
+            records, vocab, result = run(teacher, items, proxy.base_url, http_transport=transport, **common)
+            assert not result.failures, result.failures
+            assert (
+                sorted((r.sample_id, spell(r, vocab), r.topk_logprobs.tobytes()) for r in records) == expected
+            )
+        assert proxy.stats()["forwarded"] == 2 * len(items)
