@@ -137,9 +137,9 @@ def _count(content: bytes, key: bytes, start: int, most: int) -> int:
 
 
 def decode_body(content: bytes, shape: str | None = None) -> Any:
-    """A response body decoded (``loads``), its one bulky array (``BULKY``) left as a ``RawArray`` (scanned
-    when its layout allows; chat's only when scanned: its general path decodes the whole body anyway); raises
-    ``ValueError`` when the body is not JSON. ``shape`` (a ``BULKY`` key, from the request) looks for that array
+    """A response body decoded (``loads``), its one bulky array (``BULKY``) left as a scanned ``RawArray`` when
+    its layout allows (any other layout decoded as usual; for chat, the whole body at once); raises
+    ``ValueError`` when the body is not JSON, the bulky array included. ``shape`` (a ``BULKY`` key, from the request) looks for that array
     only: searching a 2 MB body for an absent key costs about half a millisecond.
 
     Outside the array its key must appear nowhere else (a duplicate key, several choices: decoded in full);
@@ -173,7 +173,13 @@ def decode_body(content: bytes, shape: str | None = None) -> Any:
             continue  # the key elsewhere (a chat answer's one top_logprobs, or a top-level extension)
         if not spoken or not isinstance(holder, dict) or name not in holder or holder[name] is not None:
             continue
-        holder[name] = RawArray(memoryview(content)[start:end], scanned)
+        if scanned is not None:
+            holder[name] = RawArray(memoryview(content)[start:end], scanned)
+            return body
+        try:  # a layout the scanners do not read: decoded now, so that bytes that are not JSON fail as such
+            holder[name] = loads(memoryview(content)[start:end])
+        except ValueError:
+            break  # the full decode names where
         return body
     return loads(content)
 

@@ -5,6 +5,7 @@ record, and what the scanner does not read goes to the general path with the sam
 from __future__ import annotations
 
 import json
+import random
 import re
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +28,7 @@ from teacher.parsing import (
 )
 from tests.teacher.conftest import PLANTED_KEY, PROMPTS, Teacher
 from tests.teacher.test_collect_e2e import run
-from tests.teacher.test_parsing import SPLIT_VOCAB
+from tests.teacher.test_parsing import SPLIT_VOCAB, any_id, mutated, same_stored, stored
 
 RESOLVE = SPLIT_VOCAB.__getitem__
 
@@ -233,6 +234,25 @@ def test_other_layouts_take_the_general_path_with_the_same_outcome(
     fast = parse_chat(decode_body(raw), 3, RESOLVE)
     assert not isinstance(fast.candidates, DenseTopK) or what in ("an integer logprob", "empty bytes")
     _same(fast, expected)
+
+
+def test_random_edits_and_cuts_store_what_a_full_decode_stores() -> None:
+    """``test_parsing``'s random edits for chat: 400 compact bodies with byte edits and cuts from
+    ``logprobs.content`` on store what the standard library's full decode stores, or are refused with the same
+    error (and the 8-byte reads never pass the end)."""
+    rng = random.Random("edits-chat")
+    outcomes = []
+    for n in range(400):
+        raw = json.dumps(
+            _chat(n % 7, data=["token", "null", "vllm", "mixed"][n % 4]), separators=(",", ":")
+        ).encode()
+        edited = mutated(raw, raw.index(b'"content":['), rng)
+        fast = stored(edited, decode_body, lambda body: parse_chat(body, 3, any_id), "generate")
+        assert same_stored(
+            fast, stored(edited, json.loads, lambda body: parse_chat(body, 3, any_id), "generate")
+        )
+        outcomes.append(isinstance(fast, str))
+    assert 20 <= sum(outcomes) <= 380  # edits that are refused and edits that are stored both occurred
 
 
 def test_small_and_empty_answers() -> None:

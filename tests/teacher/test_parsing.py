@@ -3,8 +3,10 @@ completions, and vLLM (prompt_logprobs, return_tokens_as_token_ids)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import random
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,7 @@ from teacher.parsing import (
     DenseTokens,
     DenseTopK,
     Parsed,
+    Resolve,
     ResponseShapeError,
     decode_token_string,
     parse_chat,
@@ -226,8 +229,7 @@ def _synthetic(shape: str, seed: int, ranks: bool = True) -> tuple[dict, str]:
     }, prompt
 
 
-def _parse(body: Any, shape: str, prompt: str, k: int) -> Parsed:
-    resolve = SPLIT_VOCAB.__getitem__
+def _parse(body: Any, shape: str, prompt: str, k: int, resolve: Resolve = SPLIT_VOCAB.__getitem__) -> Parsed:
     if shape == "echo":
         return parse_completion(body, k, prompt, resolve)
     return parse_prompt_logprobs(body, k, prompt, resolve)
@@ -324,6 +326,77 @@ def test_other_layouts_take_the_general_path_with_the_same_outcome(
     _assert_same_record(fast, expected, prompt)
 
 
+EDIT_BYTES = b'{}[]:,"-.0123456789eE+ nultrk_id\\'  # JSON's structure, numbers and the keys' letters, mostly
+
+
+def mutated(raw: bytes, start: int, rng: random.Random) -> bytes:
+    """``raw`` with 1-3 random byte edits (replace, insert, delete) at or after ``start``, cut short a third of the
+    time: mostly ``EDIT_BYTES``, any byte one time in ten."""
+    data = bytearray(raw)
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        at = rng.randrange(start, len(data))
+        byte = rng.choice(EDIT_BYTES) if rng.random() < 0.9 else rng.randrange(256)
+        kind = rng.random()
+        if kind < 0.5:
+            data[at] = byte
+        elif kind < 0.8:
+            data.insert(at, byte)
+        else:
+            del data[at]
+    if rng.random() < 0.33:
+        data = data[: rng.randrange(start, len(data) + 1)]
+    return bytes(data)
+
+
+def stored(raw: bytes, decode: Callable[[bytes], Any], parse: Callable[[Any], Parsed], mode: str) -> Any:
+    """What the collector would store from ``raw`` decoded by ``decode``: the record's arrays and text, or the
+    error that refused it (at decoding, parsing or building; ``resolve`` refusing an id out of range
+    included)."""
+    try:
+        record = build_record(parse(decode(raw)), "p", "train", "m", mode, {}, TeacherVocab())
+    except (ResponseShapeError, ValueError, IndexError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    arrays = ("tokens", "topk_ids", "topk_logprobs", "token_logprobs", "topk_logits", "sample_ids")
+    return record.text, *(getattr(record, name) for name in arrays)
+
+
+def same_stored(a: Any, b: Any) -> bool:
+    """``stored`` outcomes alike: the same error, or the same text and arrays (equal values: NaN as NaN, -0.0 as
+    0.0)."""
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return a[0] == b[0] and all(
+        (x is None) == (y is None) and (x is None or np.array_equal(x, y, equal_nan=True))
+        for x, y in zip(a[1:], b[1:], strict=True)
+    )
+
+
+def any_id(token: int) -> bytes:
+    """``SPLIT_VOCAB``'s bytes, and made-up ones for an id an edit invented. (An unknown id among the entries
+    past the top k: the general path resolves every entry and fails, the fast one only the kept ones.)"""
+    return SPLIT_VOCAB[token] if 0 <= token < len(SPLIT_VOCAB) else b"<%d>" % token
+
+
+@pytest.mark.parametrize("shape", ["prompt_logprobs", "echo"])
+def test_random_edits_and_cuts_store_what_a_full_decode_stores(shape: str) -> None:
+    """The scanners read 8 bytes at a time with no bounds checks of their own (``teacher.dense._word``): 400
+    bodies in vLLM's compact layout with random byte edits and cuts from the bulky array on store what the
+    standard library's full decode stores, or are refused with the same error (and nothing reads past the
+    end)."""
+    rng = random.Random(f"edits-{shape}")
+    key = b'"prompt_logprobs":' if shape == "prompt_logprobs" else b'"top_logprobs":'
+    outcomes = []
+    for n in range(400):
+        body, prompt = _synthetic(shape, n % 7)
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        edited = mutated(raw, raw.index(key), rng)
+        parse = functools.partial(_parse, shape=shape, prompt=prompt, k=3, resolve=any_id)
+        fast = stored(edited, decode_body, parse, "score")
+        assert same_stored(fast, stored(edited, json.loads, parse, "score")), (n, edited)
+        outcomes.append(isinstance(fast, str))
+    assert 20 <= sum(outcomes) <= 380  # edits that are refused and edits that are stored both occurred
+
+
 VALID_NUMBERS = ["-1E5", "-1e-05", "-2.5e+1", "-0.0", "0", "-0e3", "-3", "-12345678901234567890123",
                  "-0.30000000000000004", "-4.9e-324", "-1e-400", "-1e400"]  # fmt: skip
 INVALID_NUMBERS = ["+1", "-01", "-.5", "-1.", "-1.e5", "-0", "-1e", "--1", "-1.2.3"]
@@ -333,18 +406,25 @@ INVALID_NUMBERS = ["+1", "-01", "-.5", "-1.", "-1.e5", "-0", "-1e", "--1", "-1.2
 @pytest.mark.parametrize("number", VALID_NUMBERS + INVALID_NUMBERS)
 def test_every_json_number_spelling_reads_as_a_full_decode_reads_it(shape: str, number: str) -> None:
     """The scanners copy each logprob's text and Arrow converts them all at once: a JSON number gives the value
-    a full decode gives (to the bit); a text JSON does not read as a number (or ``-0``, which it reads as the
-    integer 0) makes the scanner give up."""
+    a full decode gives (to the bit); a text JSON does not read as a number makes the scanner give up and the body
+    fail as JSON does, and ``-0`` (an integer JSON reads as 0, where a float parser keeps the sign) goes to the
+    general path."""
     body, prompt = _synthetic(shape, 2)
     raw = json.dumps(body).encode()
     key = b'"logprob": ' if shape == "prompt_logprobs" else b'"token_id:7": '
     at = raw.index(key, raw.index(b'"prompt_logprobs"' if shape == "prompt_logprobs" else b'"top_logprobs"'))
     end = re.compile(rb"[-0-9.eE+]+").match(raw, at + len(key)).end()
     raw = raw[: at + len(key)] + number.encode() + raw[end:]
+    if number in INVALID_NUMBERS and number != "-0":
+        with pytest.raises(json.JSONDecodeError) as refused:
+            json.loads(raw)
+        with pytest.raises(ValueError, match=re.escape(str(refused.value))):
+            decode_body(raw)
+        return
     bulky = decode_body(raw)["choices"][0]
     bulky = bulky["prompt_logprobs"] if shape == "prompt_logprobs" else bulky["logprobs"]["top_logprobs"]
-    if number in INVALID_NUMBERS:
-        assert bulky.scanned is None
+    if number == "-0":
+        assert isinstance(bulky, list)  # decoded as JSON reads it: the general path
         return
     assert bulky.scanned is not None
     expected = json.loads(raw)  # the standard library: it also reads 1e400
