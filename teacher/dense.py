@@ -47,11 +47,11 @@ BULKY = {
 
 @dataclass(frozen=True)
 class RawArray:
-    """A JSON array left undecoded (its bytes, and its entries when a scanner read them), in the place of a
-    bulky array of a decoded body."""
+    """A JSON array a scanner read, left undecoded (its bytes and its entries), in the place of a bulky array of
+    a decoded body; ``decode`` gives the list the general path reads when the fast parsers decline it."""
 
     data: memoryview
-    scanned: Scanned | None
+    scanned: Scanned
 
     def decode(self) -> list:
         value = loads(self.data)
