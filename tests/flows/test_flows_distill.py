@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -34,18 +35,28 @@ STAGES = {
     "report",
 }
 DOWNSTREAM_OF_TRAIN = {"train_soft", "train_hard", "evaluate", "report"}
+REFRESH_STAGES = {"prepare_corpus", "tokenizer", "bootstrap_teacher", "collect"}
 
 
-def task_states(state) -> dict[str, str]:
-    """{task run name: final state name} of the flow run that ended in ``state``."""
+def task_states(state, expected: set[str] = STAGES, timeout: float = 60) -> dict[str, str]:
+    """{task run name: final state name} of the flow run that ended in ``state``.
+
+    The server records task-run states from events, in batches, so a flow run can end before its last task
+    run's final state is written; this waits until every ``expected`` task run is there and final."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        )
-    return {run.name: run.state.name for run in runs}
+        while True:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
+            states = {run.name: run.state for run in runs}
+            if expected <= set(states) and all(s.is_final() for s in states.values()):
+                return {name: s.name for name, s in states.items()}
+            assert time.monotonic() < deadline, {name: s.name for name, s in states.items()}
+            time.sleep(0.5)
 
 
 def summary_of(report: str) -> dict:
@@ -125,7 +136,7 @@ def test_distill_flow_caching_and_refresh(prefect_harness: Path, tiny_project: T
     ]
     after = json.loads((Path(refresh_summary["stages"]["collect"]["path"]) / "selection.json").read_text())
     assert sum(len(ids) for ids in after["samples"].values()) == stored_before + 3
-    states = task_states(state)
+    states = task_states(state, REFRESH_STAGES)
     assert states["collect"] == "Completed" and states["prepare_corpus"] == "Completed", states
     assert states["tokenizer"] == states["bootstrap_teacher"] == "Cached", states
 
@@ -135,7 +146,7 @@ def test_distill_flow_caching_and_refresh(prefect_harness: Path, tiny_project: T
     moved = tiny_project.config("tiny-elsewhere.toml", run={"work_dir": str(elsewhere)})
     state = refresh(config=str(moved), return_state=True)
     assert state.is_completed(), state.message
-    states = task_states(state)
+    states = task_states(state, REFRESH_STAGES)
     assert "Cached" not in states.values(), states
     moved_runs = [
         summary
