@@ -52,7 +52,6 @@ import json
 import math
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -65,9 +64,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from student import metrics
 from student.heldout import Documents, document_windows, load_documents, window_batch
 from student.specs import read_spec
-
-for _message in ("Apex is not installed", "Transformer Engine and Apex", "CUDA_DEVICE_MAX_CONNECTIONS"):
-    warnings.filterwarnings("ignore", message=f".*{_message}.*")
 
 SCHEMA = "distill-eval/2"
 RESERVED = frozenset(
