@@ -8,7 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -30,6 +33,20 @@ def test_env(**extra: str) -> dict[str, str]:
 
 
 test_env.__test__ = False  # a helper, not a test, despite its name
+
+T = TypeVar("T")
+
+
+def recorded(read: Callable[[], T], ready: Callable[[T], bool], timeout: float = 60) -> T:
+    """``read()`` until ``ready`` accepts what it returns; fails with the last value after ``timeout`` seconds.
+
+    For Prefect task runs: the server writes their states from events, in batches, so they can trail the flow
+    run's own final state by a few seconds."""
+    deadline = time.monotonic() + timeout
+    while not ready(value := read()):
+        assert time.monotonic() < deadline, f"not ready after {timeout:.0f}s: {value!r}"
+        time.sleep(0.5)
+    return value
 
 
 def run_bounded(

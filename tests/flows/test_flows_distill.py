@@ -13,13 +13,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.pipeline.tiny_project import TinyProject
-from tests.support import PYTHON, ROOT, test_env
+from tests.support import PYTHON, ROOT, recorded, test_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -38,25 +37,21 @@ DOWNSTREAM_OF_TRAIN = {"train_soft", "train_hard", "evaluate", "report"}
 REFRESH_STAGES = {"prepare_corpus", "tokenizer", "bootstrap_teacher", "collect"}
 
 
-def task_states(state, expected: set[str] = STAGES, timeout: float = 60) -> dict[str, str]:
-    """{task run name: final state name} of the flow run that ended in ``state``.
-
-    The server records task-run states from events, in batches, so a flow run can end before its last task
-    run's final state is written; this waits until every ``expected`` task run is there and final."""
+def task_states(state, expected: set[str] = STAGES) -> dict[str, str]:
+    """{task run name: final state name} of the flow run that ended in ``state``, once every ``expected`` task
+    run is recorded in a final state."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    deadline = time.monotonic() + timeout
-    with get_client(sync_client=True) as client:
-        while True:
+    def read() -> dict:
+        with get_client(sync_client=True) as client:
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
             )
-            states = {run.name: run.state for run in runs}
-            if expected <= set(states) and all(s.is_final() for s in states.values()):
-                return {name: s.name for name, s in states.items()}
-            assert time.monotonic() < deadline, {name: s.name for name, s in states.items()}
-            time.sleep(0.5)
+        return {run.name: run.state for run in runs}
+
+    states = recorded(read, lambda s: set(s) >= expected and all(x.is_final() for x in s.values()))
+    return {name: s.name for name, s in states.items()}
 
 
 def summary_of(report: str) -> dict:

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from tests.pipeline.tiny_project import TinyProject
-from tests.support import PYTHON, ROOT, free_port, test_env
+from tests.support import PYTHON, ROOT, free_port, recorded, test_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -86,17 +86,13 @@ class Server:
             time.sleep(2)
         raise AssertionError(f"flow run {flow_run_id} not in {states} after {timeout}s: {run['state_type']}")
 
-    def task_states(self, flow_run_id: str, timeout: float = 60) -> dict[str, str]:
-        """{task run name: state name} once every stage's task run is recorded in a final state: the server
-        writes task-run states from events in batches, so they can trail the flow run's own final state."""
-        deadline = time.monotonic() + timeout
-        while True:
-            runs = self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}})
-            states = {r["name"]: r["state_name"] for r in runs}
-            if set(states) >= STAGES and all(r["state_type"] in FINAL for r in runs):
-                return states
-            assert time.monotonic() < deadline, states
-            time.sleep(1)
+    def task_states(self, flow_run_id: str) -> dict[str, str]:
+        """{task run name: state name}, once every stage's task run is recorded in a final state."""
+        runs = recorded(
+            lambda: self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run_id]}}}),
+            lambda runs: {r["name"] for r in runs} >= STAGES and all(r["state_type"] in FINAL for r in runs),
+        )
+        return {r["name"]: r["state_name"] for r in runs}
 
 
 @pytest.fixture(scope="module")

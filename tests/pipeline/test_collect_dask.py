@@ -30,7 +30,7 @@ from teacher.server import RunningServer, local_teacher_server
 from teacher.settings import LocalTeacherSettings
 from tests.flows.conftest import prefect_harness  # noqa: F401 (a fixture)
 from tests.pipeline.tiny_project import TinyProject, make_tiny_project
-from tests.support import PYTHON, ROOT, test_env
+from tests.support import PYTHON, ROOT, recorded, test_env
 
 MODEL = "random-teacher"
 
@@ -175,9 +175,13 @@ def test_refresh_flow_runs_partitions_as_prefect_tasks_on_dask(served: Served, t
     prompts = {line for line in project.prompts.read_text(encoding="utf-8").splitlines()}
     assert counts["failed"] == 0 and counts["collected"] == len(prompts)
     _assert_each_prompt_once(tmp_path / "data", prompts)
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="collect-partition-"))
-        )
+
+    def read() -> list:
+        with get_client(sync_client=True) as client:
+            return client.read_task_runs(
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(like_="collect-partition-"))
+            )
+
+    runs = recorded(read, lambda runs: len(runs) >= 3 and all(r.state and r.state.is_final() for r in runs))
     assert sorted(r.name for r in runs) == [f"collect-partition-{i}" for i in range(3)]
-    assert all(r.state is not None and r.state.is_completed() for r in runs)
+    assert all(r.state.is_completed() for r in runs)
