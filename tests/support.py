@@ -1,4 +1,4 @@
-"""Helpers shared by tests: free ports, the project's Python, and bounded subprocess runs."""
+"""Helpers shared by tests: free ports, the project's Python, bounded subprocess runs, and polling Prefect's records."""
 
 from __future__ import annotations
 
