@@ -1,10 +1,13 @@
-"""Two ``distill run`` of the same tiny config and seeds, in separate folders (new teacher answers, new shard
-names, new timing), give identical metrics: record order comes from sample ids, not from when the teacher
-answered. Two seeds per student: the report shows the spread and follows the interval rule."""
+"""Two ``distill run`` of the same tiny config and seeds, in separate folders and at the same time (new teacher
+answers, new shard names, interleaved timing), give identical metrics: record order comes from sample ids, not
+from when the teacher answered. Two seeds per student: the report shows the spread and follows the interval
+rule."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -16,17 +19,22 @@ from tests.support import PYTHON, ROOT, test_env
 SEEDS = [3, 4]
 
 
-def _run(root: Path) -> tuple[dict, str]:
+def _start(root: Path) -> subprocess.Popen:
     config = make_tiny_project(root, n_prompts=30).config(evaluate={"seeds": SEEDS})
-    result = subprocess.run(
-        [PYTHON, "-m", "pipeline.cli", "run", str(config)],
-        cwd=ROOT,
-        env=test_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    with (root / "run.log").open("w") as log:
+        return subprocess.Popen(
+            [PYTHON, "-m", "pipeline.cli", "run", str(config)],
+            cwd=ROOT,
+            env=test_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _finish(root: Path, proc: subprocess.Popen) -> tuple[dict, str]:
+    proc.wait(timeout=900)
+    assert proc.returncode == 0, (root / "run.log").read_text()[-4000:]
     run_dir = next((root / "runs").iterdir())
     return json.loads((run_dir / "metrics.json").read_text()), (run_dir / "report.md").read_text()
 
@@ -43,8 +51,15 @@ def _numbers(document: dict) -> dict:
 
 @pytest.mark.slow
 def test_same_config_and_seeds_give_identical_metrics(tmp_path: Path) -> None:
-    first, report = _run(tmp_path / "a")
-    second, _ = _run(tmp_path / "b")
+    roots = [tmp_path / "a", tmp_path / "b"]
+    procs = [_start(root) for root in roots]  # at the same time: the two collections' timings interleave
+    try:
+        (first, report), (second, _) = (_finish(root, proc) for root, proc in zip(roots, procs, strict=True))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     assert first["schema"] == "distill-eval/2" and first["seeds"] == SEEDS
     assert _numbers(first) == _numbers(second)
     soft = first["soft"]
