@@ -1,4 +1,5 @@
-"""Helpers shared by tests: free ports, the project's Python, bounded subprocess runs, and polling Prefect's records."""
+"""Helpers shared by tests: free ports, the project's Python, started and bounded subprocesses, and polling
+Prefect's records."""
 
 from __future__ import annotations
 
@@ -47,6 +48,25 @@ def recorded(read: Callable[[], T], ready: Callable[[T], bool], timeout: float =
         assert time.monotonic() < deadline, f"not ready after {timeout:.0f}s: {value!r}"
         time.sleep(0.5)
     return value
+
+
+def start_logged(cmd: list[str], log: Path, env: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen:
+    """Start ``cmd`` in its own process group, its output (stdout and stderr) into the file ``log``."""
+    with log.open("w") as sink:
+        return subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group of ``proc`` if it still runs; SIGKILL it after 30 s."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def run_bounded(

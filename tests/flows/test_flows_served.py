@@ -8,9 +8,7 @@ deployment run reuses them (and builds them otherwise).
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import tempfile
 import time
@@ -22,7 +20,7 @@ import psutil
 import pytest
 
 from tests.pipeline.tiny_project import TinyProject
-from tests.support import PYTHON, ROOT, free_port, recorded, test_env
+from tests.support import PYTHON, ROOT, free_port, recorded, start_logged, stop_group, test_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -31,22 +29,6 @@ ARTIFACTS = ROOT / "test-artifacts"
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 STAGES = {"prepare_corpus", "collect", "train_soft", "train_hard", "evaluate", "report"}
 TRAINER_MARKERS = ("student.train", "torch.distributed.run", "pipeline.launch")
-
-
-def _start(cmd: list[str], log: Path, env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-    )
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 class Server:
@@ -107,7 +89,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_project: TinyProject) 
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_RUNNER_POLL_FREQUENCY="2",
     )
-    server_proc = _start(
+    server_proc = start_logged(
         [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         home / "server.log",
         env,
@@ -126,7 +108,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_project: TinyProject) 
             assert time.monotonic() < deadline, "prefect server did not become healthy"
             time.sleep(1)
         config = tiny_project.config()
-        serve_proc = _start(
+        serve_proc = start_logged(
             [PYTHON, "-m", "pipeline.cli", "serve", "--config", str(config)], home / "serve.log", env, ROOT
         )
         srv = Server(api, env, home)
@@ -141,8 +123,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_project: TinyProject) 
         yield srv
     finally:
         if serve_proc is not None:
-            _stop(serve_proc)
-        _stop(server_proc)
+            stop_group(serve_proc)
+        stop_group(server_proc)
 
 
 @pytest.fixture(scope="module")

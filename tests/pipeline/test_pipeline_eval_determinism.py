@@ -6,30 +6,20 @@ rule."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.pipeline.tiny_project import make_tiny_project
-from tests.support import PYTHON, ROOT, test_env
+from tests.support import PYTHON, start_logged, stop_group, test_env
 
 SEEDS = [3, 4]
 
 
 def _start(root: Path) -> subprocess.Popen:
     config = make_tiny_project(root, n_prompts=30).config(evaluate={"seeds": SEEDS})
-    with (root / "run.log").open("w") as log:
-        return subprocess.Popen(
-            [PYTHON, "-m", "pipeline.cli", "run", str(config)],
-            cwd=ROOT,
-            env=test_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    return start_logged([PYTHON, "-m", "pipeline.cli", "run", str(config)], root / "run.log", test_env())
 
 
 def _finish(root: Path, proc: subprocess.Popen) -> tuple[dict, str]:
@@ -57,9 +47,7 @@ def test_same_config_and_seeds_give_identical_metrics(tmp_path: Path) -> None:
         (first, report), (second, _) = (_finish(root, proc) for root, proc in zip(roots, procs, strict=True))
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc)
     assert first["schema"] == "distill-eval/2" and first["seeds"] == SEEDS
     assert _numbers(first) == _numbers(second)
     soft = first["soft"]
